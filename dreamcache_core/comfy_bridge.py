@@ -1,0 +1,110 @@
+"""The one place where dreamcache_core reaches ComfyUI.
+
+Every ComfyUI import happens inside a function, so the rest of the core stays
+importable (and testable) without ComfyUI. Inside ComfyUI the modules are
+already importable; command-line runners call ``ensure_comfyui()`` first, which
+finds the checkout from an explicit path, ``COMFYUI_PATH``, or the
+``custom_nodes`` folder this pack sits in.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .cache import DreamCache
+from .encode import cache_from_features, capture_memory_inputs
+
+ENCODE_TIMESTEP = 1  # DESIGN.md: the reference is noised to t = 1, the least noisy step
+
+
+def find_comfyui(explicit: Optional[str] = None) -> Path:
+    """The ComfyUI checkout to use: ``explicit``, else $COMFYUI_PATH, else the folder holding custom_nodes/<pack>."""
+    candidates = []
+    if explicit:
+        candidates.append(Path(explicit))
+    if os.environ.get("COMFYUI_PATH"):
+        candidates.append(Path(os.environ["COMFYUI_PATH"]))
+    pack_root = Path(__file__).resolve().parent.parent
+    if pack_root.parent.name == "custom_nodes":
+        candidates.append(pack_root.parent.parent)
+    for path in candidates:
+        if (path / "comfy" / "model_management.py").is_file():
+            return path.resolve()
+    tried = ", ".join(str(p) for p in candidates) or "nothing (no --comfyui, no COMFYUI_PATH, pack not in custom_nodes)"
+    raise RuntimeError(f"ComfyUI was not found (tried {tried}). Pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH.")
+
+
+def ensure_comfyui(explicit: Optional[str] = None, cpu: bool = False, pytorch_attention: bool = True) -> Path:
+    """Make ComfyUI importable from a command-line runner; set its options before ``comfy`` loads."""
+    path = find_comfyui(explicit)
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    if "comfy.model_management" not in sys.modules:
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args
+        args.cpu = args.cpu or cpu
+        if pytorch_attention:
+            args.use_pytorch_cross_attention = True
+    return path
+
+
+def encode_sigma(model_patcher) -> float:
+    """sigma of the encode timestep t = 1 for this model."""
+    model_sampling = model_patcher.get_model_object("model_sampling")
+    return float(model_sampling.sigma(torch.tensor([float(ENCODE_TIMESTEP)]))[0])
+
+
+def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning, seed: int,
+                     mask: Optional[torch.Tensor] = None) -> DreamCache:
+    """One U-Net pass at t = 1 on the reference latent(s) through ComfyUI's own sampling machinery.
+
+    The model is placed by ComfyUI's memory manager and keeps every patch it carries (LoRAs, wrappers);
+    ``conditioning`` is a ComfyUI CONDITIONING (typically the empty or negative prompt). Returns the
+    cache of the memory layers' inputs; ``mask`` [N or 1, H, W] drops background tokens.
+    """
+    import comfy.sample
+    import comfy.samplers
+
+    latent = comfy.sample.fix_empty_latent_channels(model_patcher, reference_latent)
+    expected_channels = model_patcher.get_model_object("latent_format").latent_channels
+    if latent.dim() != 4 or latent.shape[1] != expected_channels:
+        raise ValueError(
+            f"The reference latent has shape {tuple(latent.shape)}, but this model works on {expected_channels}-channel "
+            "latents. Encode the reference image with this model's VAE (VAE Encode) before Encode DreamCache."
+        )
+    if torch.count_nonzero(latent) == 0:
+        raise ValueError("The reference latent is all zeros (an empty latent). Encode a reference image with VAE Encode.")
+
+    class SinglePassSampler(comfy.samplers.Sampler):
+        """Noise the latent to sigma(t=1) and run the model once; the hooks keep what they need."""
+
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            sigma = sigmas[0]
+            model_sampling = model_wrap.inner_model.model_sampling
+            x = model_sampling.noise_scaling(sigma, noise, latent_image)
+            model_wrap(x, sigma.expand(x.shape[0]), **extra_args)
+            return latent_image
+
+    sigma = encode_sigma(model_patcher)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    guider = comfy.samplers.CFGGuider(model_patcher)
+    guider.set_conds(conditioning, conditioning)
+    guider.set_cfg(1.0)
+    sigmas = torch.tensor([sigma, 0.0])
+    unet = model_patcher.model.diffusion_model
+    features = capture_memory_inputs(
+        unet, lambda: guider.sample(noise, latent, SinglePassSampler(), sigmas, disable_pbar=True, seed=seed))
+    metadata = {
+        "latent_size": [int(latent.shape[2]), int(latent.shape[3])],
+        "seed": int(seed),
+        "timestep": ENCODE_TIMESTEP,
+        "sigma": sigma,
+        "num_references": int(latent.shape[0]),
+    }
+    return cache_from_features(unet, {k: v.cpu() for k, v in features.items()}, mask, metadata)

@@ -1,0 +1,61 @@
+"""Test set-up shared by every test.
+
+The pack is imported as the package ``comfyui_dreamcache`` (ComfyUI owns a
+top-level ``nodes`` module, so ours must never be imported as ``nodes``).  The
+pack's own ``__init__`` (ComfyUI's entry point) is not executed here: it needs
+ComfyUI, and the server test loads it the way ComfyUI does.
+
+ComfyUI-dependent tests use the ``comfy`` fixture: it skips, saying why, when
+``COMFYUI_PATH`` is unset, and otherwise puts the checkout on ``sys.path`` with
+the CPU and PyTorch attention selected before ``comfy`` is first imported.
+"""
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_NAME = "comfyui_dreamcache"
+
+
+def _register_pack_package():
+    if PACKAGE_NAME in sys.modules:
+        return
+    package = types.ModuleType(PACKAGE_NAME)
+    package.__path__ = [str(PACK_ROOT)]
+    package.__file__ = str(PACK_ROOT / "__init__.py")
+    sys.modules[PACKAGE_NAME] = package
+
+
+_register_pack_package()
+
+
+def comfyui_path():
+    path = os.environ.get("COMFYUI_PATH")
+    return Path(path).resolve() if path else None
+
+
+def import_comfy():
+    """Make ComfyUI importable (CPU, PyTorch attention) and return its path."""
+    path = comfyui_path()
+    if path is None:
+        pytest.skip("COMFYUI_PATH is not set: this test needs a ComfyUI checkout")
+    if not (path / "comfy" / "model_management.py").is_file():
+        pytest.fail(f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/model_management.py)")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    if "comfy.model_management" not in sys.modules:
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args
+        args.cpu = True
+        args.use_pytorch_cross_attention = True
+        args.disable_all_custom_nodes = True
+    return path
+
+
+@pytest.fixture
+def comfy():
+    return import_comfy()
