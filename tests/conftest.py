@@ -27,6 +27,9 @@ def _register_pack_package():
     package.__path__ = [str(PACK_ROOT)]
     package.__file__ = str(PACK_ROOT / "__init__.py")
     sys.modules[PACKAGE_NAME] = package
+    # pytest sets up the repository root (it has an __init__.py) as a package named after its folder;
+    # give it this same, inert module so ComfyUI's entry point is not run outside ComfyUI.
+    sys.modules.setdefault(PACK_ROOT.name, package)
 
 
 _register_pack_package()

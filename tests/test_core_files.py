@@ -1,0 +1,215 @@
+"""Adapter and cache files: our safetensors, the authors' .pt, and bad files."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfyui_dreamcache.dreamcache_core.adapter import DreamCacheAdapter, build_adapter
+from comfyui_dreamcache.dreamcache_core.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, TENSOR_NAMES, AdapterFileError,
+                                                           adapter_from_authors_state_dict, adapter_state_dict,
+                                                           authors_specs_from_state_dict, authors_state_dict,
+                                                           load_adapter, save_adapter)
+from comfyui_dreamcache.dreamcache_core.cache import (CacheFileError, DreamCache, load_cache, save_cache,
+                                                      token_masks_from_mask)
+from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_norm1, random_tensor
+
+
+def test_safetensors_round_trip_keeps_every_tensor_and_the_metadata(tmp_path):
+    adapter = build_adapter(TINY_SPECS, TINY_SIGNATURE).randomize_(seed=1)
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapter(adapter, path)
+    loaded = load_adapter(path)
+    assert loaded.keys() == adapter.keys()
+    assert loaded.specs == adapter.specs
+    assert loaded.signature == TINY_SIGNATURE
+    before, after = adapter_state_dict(adapter), adapter_state_dict(loaded)
+    assert before.keys() == after.keys() and len(before) == len(TINY_SPECS) * len(TENSOR_NAMES)
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    from safetensors import safe_open
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    assert meta["dreamcache_format"] == "adapter" and meta["dreamcache_version"] == "1"
+    assert json.loads(meta["layers"])[1] == TINY_SPECS[1].to_json()
+
+
+def authors_checkpoint(seed=0):
+    """Random tensors in the authors' key layout for TINY_SPECS (SD2.x-like heads of 12 -> use dim_head from spec)."""
+    state = {}
+    generator = torch.Generator().manual_seed(seed)
+    for spec in TINY_SPECS:
+        prefix = f"{AUTHORS_PREFIX}{spec.key}{AUTHORS_BLOCK}"
+        d, c, inner = spec.dim, spec.channels, spec.heads * spec.dim_head
+        shapes = {"attn_mem.to_q.weight": (inner, d), "attn_mem.to_k.weight": (inner, c),
+                  "attn_mem.to_v.weight": (inner, c), "attn_mem.to_out.0.weight": (d, inner),
+                  "attn_mem.to_out.0.bias": (d,), "norm2_mem.weight": (d,), "norm2_mem.bias": (d,),
+                  "linear_cat.weight": (d, 2 * d), "linear_cat.bias": (d,)}
+        for suffix, shape in shapes.items():
+            state[prefix + suffix] = torch.randn(shape, generator=generator)
+        state[prefix + "norm2_mem.weight"] = 1 + 0.2 * state[prefix + "norm2_mem.weight"]
+    return state
+
+
+class FakeBase(torch.nn.Module):
+    """Stands in for a base model: discover_memory_layers / memory_norm1 are patched to read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms = {spec.key: random_norm1(spec, seed=i + 20) for i, spec in enumerate(TINY_SPECS)}
+
+
+@pytest.fixture
+def fake_base(monkeypatch):
+    from comfyui_dreamcache.dreamcache_core import layers
+    base = FakeBase()
+    monkeypatch.setattr(layers, "discover_memory_layers", lambda model: list(TINY_SPECS))
+    monkeypatch.setattr(layers, "memory_norm1", lambda model: model.norms)
+    monkeypatch.setattr(layers, "model_signature", lambda model: dict(TINY_SIGNATURE))
+    return base
+
+
+def test_authors_checkpoint_round_trip_and_layer_norm_folding(tmp_path, fake_base):
+    state = authors_checkpoint(seed=3)
+    path = str(tmp_path / "cross_attention-1000.pt")
+    torch.save(state, path)
+    adapter = load_adapter(path, base_model=fake_base)
+    assert adapter.norm_folded and adapter.keys() == [s.key for s in TINY_SPECS]
+    # every tensor comes back in their layout, LN_m unfolded again
+    written = authors_state_dict(adapter, fake_base.norms)
+    assert written.keys() == state.keys()
+    for key in state:
+        torch.testing.assert_close(written[key], state[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the folding is exact against LN_m applied to x
+    for spec in TINY_SPECS:
+        prefix = f"{AUTHORS_PREFIX}{spec.key}{AUTHORS_BLOCK}"
+        x = random_tensor(2, 6, spec.dim, seed=5) * 4 + 1
+        layer = adapter.layer(spec.key)
+        via_norm1 = fake_base.norms[spec.key](x) * layer.mem_norm_scale + layer.mem_norm_shift
+        direct = F.layer_norm(x, (spec.dim,), state[prefix + "norm2_mem.weight"], state[prefix + "norm2_mem.bias"])
+        torch.testing.assert_close(via_norm1, direct, rtol=1e-4, atol=1e-5)
+    # and our safetensors written from it loads back to the same tensors
+    out = str(tmp_path / "converted.safetensors")
+    save_adapter(adapter, out)
+    again = load_adapter(out)
+    for key, tensor in adapter_state_dict(adapter).items():
+        assert torch.equal(adapter_state_dict(again)[key], tensor)
+
+
+def test_authors_checkpoint_without_base_stays_unfolded_and_reads_heads_of_64():
+    prefix = f"{AUTHORS_PREFIX}output_blocks.4.1{AUTHORS_BLOCK}"
+    state = {prefix + "attn_mem.to_q.weight": torch.randn(128, 128), prefix + "attn_mem.to_k.weight": torch.randn(128, 96),
+             prefix + "attn_mem.to_v.weight": torch.randn(128, 96), prefix + "attn_mem.to_out.0.weight": torch.randn(128, 128),
+             prefix + "attn_mem.to_out.0.bias": torch.randn(128), prefix + "norm2_mem.weight": torch.randn(128),
+             prefix + "norm2_mem.bias": torch.randn(128), prefix + "linear_cat.weight": torch.randn(128, 256),
+             prefix + "linear_cat.bias": torch.randn(128)}
+    adapter = adapter_from_authors_state_dict(state)
+    assert not adapter.norm_folded
+    (spec,) = authors_specs_from_state_dict(state)
+    assert (spec.key, spec.block, spec.dim, spec.channels, spec.heads, spec.dim_head) == (
+        "output_blocks.4.1", ("output", 4), 128, 96, 2, 64)
+    assert torch.equal(adapter.layer(spec.key).mem_norm_scale, state[prefix + "norm2_mem.weight"])
+    with pytest.raises(ValueError, match="fold"):
+        save_adapter(adapter, "/tmp/never-written.safetensors")
+
+
+class PicklePayload:
+    """Not a tensor: loading it would need pickle."""
+
+
+def test_pt_that_needs_pickle_is_refused(tmp_path):
+    path = str(tmp_path / "evil.pt")
+    torch.save({"x": PicklePayload()}, path)
+    with pytest.raises(AdapterFileError, match="needs pickle"):
+        load_adapter(path)
+
+
+def test_pt_in_another_layout_is_refused(tmp_path):
+    path = str(tmp_path / "other.pt")
+    torch.save({"model.weight": torch.zeros(2)}, path)
+    with pytest.raises(AdapterFileError, match="authors' DreamCache layout"):
+        load_adapter(path)
+
+
+def test_truncated_safetensors_is_refused_with_advice(tmp_path):
+    adapter = build_adapter(TINY_SPECS, TINY_SIGNATURE)
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapter(adapter, path)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(AdapterFileError, match="truncated or corrupt"):
+        load_adapter(path)
+
+
+def test_foreign_safetensors_and_unknown_extension_are_refused(tmp_path):
+    from safetensors.torch import save_file
+    path = str(tmp_path / "model.safetensors")
+    save_file({"w": torch.zeros(3)}, path)
+    with pytest.raises(AdapterFileError, match="not a DreamCache adapter"):
+        load_adapter(path)
+    other = tmp_path / "adapter.onnx"
+    other.write_bytes(b"xx")
+    with pytest.raises(AdapterFileError, match="neither"):
+        load_adapter(str(other))
+    with pytest.raises(CacheFileError, match="not a DreamCache cache"):
+        load_cache(path)
+
+
+def tiny_cache(num_refs=1, seed=0, with_mask=False):
+    features = {s.key: random_tensor(num_refs, s.channels, 4, 4, seed=seed + i) for i, s in enumerate(TINY_SPECS)}
+    masks = {}
+    if with_mask:
+        mask = torch.zeros(num_refs, 32, 32)
+        mask[:, 8:24, 8:24] = 1
+        masks = token_masks_from_mask(mask, {k: (num_refs, 4, 4) for k in features})
+    return DreamCache(features, masks, {"signature": TINY_SIGNATURE, "seed": seed, "latent_size": [4, 4]})
+
+
+def test_cache_round_trip_is_fp16_and_keeps_masks_and_metadata(tmp_path):
+    cache = tiny_cache(num_refs=2, with_mask=True)
+    path = str(tmp_path / "ref.safetensors")
+    save_cache(cache, path)
+    loaded = load_cache(path)
+    assert loaded.keys == cache.keys and loaded.metadata == cache.metadata
+    for key in cache.keys:
+        assert loaded.features[key].dtype == torch.float16
+        assert torch.equal(loaded.features[key], cache.features[key])
+        assert torch.equal(loaded.token_masks[key], cache.token_masks[key])
+    assert cache.nbytes() == sum(2 * s.channels * 16 * 2 for s in TINY_SPECS)
+
+
+def test_cache_memory_tokens_union_of_subject_tokens_and_memoised():
+    cache = tiny_cache(num_refs=2, with_mask=True)
+    key = TINY_SPECS[0].key
+    tokens = cache.memory_tokens(key, "cpu", torch.float32)
+    # the mask covers the centre 2x2 of each 4x4 map: 4 subject tokens per reference, 2 references
+    assert tokens.shape == (1, 8, TINY_SPECS[0].channels)
+    centre = cache.features[key][:, :, 1:3, 1:3].float().flatten(2).transpose(1, 2).reshape(-1, TINY_SPECS[0].channels)
+    assert torch.equal(tokens[0], centre)
+    assert cache.memory_tokens(key, "cpu", torch.float32) is tokens
+
+
+def test_token_masks_keep_a_small_subject_and_reject_an_empty_mask():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 30:33, 30:33] = 1  # far below half a token at 4x4
+    out = token_masks_from_mask(mask, {"a": (1, 4, 4), "b": (1, 64, 64)})
+    assert out["a"].sum() >= 1 and out["b"].sum() == 9
+    with pytest.raises(ValueError, match="empty"):
+        token_masks_from_mask(torch.zeros(1, 8, 8), {"a": (1, 4, 4)})
+    with pytest.raises(ValueError, match="one per reference"):
+        token_masks_from_mask(torch.ones(2, 8, 8), {"a": (3, 4, 4)})
+
+
+def test_cache_check_rejects_another_model():
+    from comfyui_dreamcache.dreamcache_core.cache import check_cache_fits
+    from comfyui_dreamcache.dreamcache_core.layers import MemoryLayerSpec
+    cache = tiny_cache()
+    check_cache_fits(cache, TINY_SPECS, TINY_SIGNATURE)
+    wider = [MemoryLayerSpec(s.key, s.block, s.channels * 2, s.dim * 2, s.heads, s.dim_head * 2) for s in TINY_SPECS]
+    with pytest.raises(ValueError, match="encoded on another model"):
+        check_cache_fits(cache, wider)
+    with pytest.raises(ValueError, match="encoded on another model"):
+        check_cache_fits(cache, TINY_SPECS[:2])
+    with pytest.raises(ValueError, match="text width"):
+        check_cache_fits(cache, TINY_SPECS, dict(TINY_SIGNATURE, context_dim=99))
