@@ -274,21 +274,24 @@ def cut_subject_on_white(
 
     height, width = mask.shape
     square = subject_square(subject, margin)
-    # The part of the square that lies on the image, and the white border
-    # (left, right, top, bottom) that completes it.
+    # The part of the square that lies on the image.
     top, bottom = max(square.top, 0), min(square.bottom, height)
     left, right = max(square.left, 0), min(square.right, width)
-    border = (left - square.left, square.right - right, top - square.top, square.bottom - bottom)
 
-    crop_mask = mask[top:bottom, left:right].float().clamp(0.0, 1.0)
-    out_mask = _resize_square_plane(F.pad(crop_mask, border), size).clamp(0.0, 1.0)
+    # One square plane, reused: zeros outside the image are white once the
+    # premultiplied colour and the mask are composited.
+    square_plane = torch.zeros((square.height, square.width), dtype=torch.float32, device=image_rgb.device)
+    on_image = square_plane[top - square.top:bottom - square.top, left - square.left:right - square.left]
+
+    on_image.copy_(mask[top:bottom, left:right]).clamp_(0.0, 1.0)
+    out_mask = _resize_square_plane(square_plane, size).clamp(0.0, 1.0)
+    crop_mask = on_image.clone()
 
     out_image = torch.empty((size, size, 3), dtype=torch.float32, device=image_rgb.device)
     for channel in range(3):
-        premultiplied = image_rgb[top:bottom, left:right, channel].float().clamp(0.0, 1.0) * crop_mask
-        premultiplied = _resize_square_plane(F.pad(premultiplied, border), size)
+        on_image.copy_(image_rgb[top:bottom, left:right, channel]).clamp_(0.0, 1.0).mul_(crop_mask)
+        premultiplied = _resize_square_plane(square_plane, size)
         out_image[..., channel] = (premultiplied + (1.0 - out_mask)).clamp(0.0, 1.0)
-        del premultiplied
     return out_image, out_mask
 
 

@@ -1,0 +1,114 @@
+"""ComfyUI node "Mask Reference": the subject of a photo, centred on a white square.
+
+DreamCache caches masked references (subject on white, no background).  The
+subject is taken, in this order of preference, from the ``mask`` input, from
+the image's own transparency (an RGBA image), or from SAM.
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+
+from ..dreamcache_core.reference_mask import (
+    DEFAULT_MARGIN,
+    as_mask_batch,
+    cut_subjects_on_white,
+    image_alpha,
+    image_to_rgb,
+    mask_is_empty,
+)
+from .sam_loader import as_sam_model
+
+
+def warn_if_mask_looks_inverted(masks) -> None:
+    """Log a warning when a mask is white all along its border but not everywhere:
+    it probably marks the background (e.g. Load Image's MASK of a cut-out PNG)."""
+    for index, mask in enumerate(masks):
+        border = [mask[0], mask[-1], mask[:, 0], mask[:, -1]]
+        if all(float(edge.min()) >= 0.5 for edge in border) and float(mask.min()) < 0.5:
+            logging.warning(
+                "Mask Reference: mask %d is white all along the image border, so it probably marks the background, "
+                "not the subject. If the output shows the background, put an Invert Mask node before Mask Reference.",
+                index + 1,
+            )
+
+
+class DreamCacheMaskReference:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE", {
+                    "tooltip": "The reference photo(s) of the subject. Each image of a batch is cut out with its own "
+                               "mask; a single mask is used for every image.",
+                }),
+                "size": ("INT", {
+                    "default": 512, "min": 64, "max": 2048, "step": 8,
+                    "tooltip": "Side of the square output in pixels. Use the base model's resolution "
+                               "(512 for SD1.5 / SD2.1-base).",
+                }),
+            },
+            "optional": {
+                "sam_model": ("SAM_MODEL", {
+                    "tooltip": "Finds the subject automatically (the most salient object near the centre) when no "
+                               "mask is connected. Ignored when a mask is connected.",
+                }),
+                "mask": ("MASK", {
+                    "tooltip": "White (1) marks the subject. Resized to the image when sizes differ. Note: Load "
+                               "Image's MASK output is white where the PNG is transparent; for a cut-out PNG that is "
+                               "the background: put an Invert Mask node in between.",
+                }),
+            },
+        }
+
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    OUTPUT_TOOLTIPS = (
+        "The subject centred on a white size x size square with a 10 % margin: the reference for Encode DreamCache "
+        "(through VAE Encode).",
+        "The subject's mask on the same square (white = subject).",
+    )
+    FUNCTION = "mask_reference"
+    CATEGORY = "DreamCache"
+    DESCRIPTION = (
+        "Cuts the subject out of a reference photo and centres it on a white square, as DreamCache expects: no "
+        "background may leak into the cached features. The subject comes from the mask input if connected, else "
+        "from the image's transparency (RGBA), else from the SAM model."
+    )
+
+    def mask_reference(self, image, size, sam_model=None, mask=None):
+        if image.ndim == 3:
+            image = image.unsqueeze(0)
+        if mask is not None:
+            subject_masks = as_mask_batch(mask)
+            warn_if_mask_looks_inverted(subject_masks)
+        elif image_alpha(image) is not None:
+            subject_masks = image_alpha(image)
+        elif sam_model is not None:
+            subject_masks = self.segment_with_sam(as_sam_model(sam_model), image_to_rgb(image))
+        else:
+            raise ValueError(
+                "Mask Reference needs to know where the subject is: connect a mask (white = subject, e.g. drawn "
+                "with Load Image > Open in MaskEditor) or a SAM model (Load SAM Model (DreamCache)), or give an "
+                "image with a transparent background."
+            )
+        reference, reference_mask = cut_subjects_on_white(image, subject_masks, size, DEFAULT_MARGIN)
+        device = comfy.model_management.intermediate_device()
+        return (reference.to(device), reference_mask.to(device))
+
+    @staticmethod
+    def segment_with_sam(sam_model, images_rgb):
+        masks = sam_model.segment(images_rgb)
+        for index, mask in enumerate(masks):
+            if mask_is_empty(mask):
+                raise ValueError(
+                    f"SAM found no subject in image {index + 1} of {len(masks)}. Connect a mask drawn by hand "
+                    "instead, or use a photo in which the subject is near the centre and stands out from the "
+                    "background."
+                )
+        return masks
+
+
+NODE_CLASS_MAPPINGS = {"DreamCacheMaskReference": DreamCacheMaskReference}
+NODE_DISPLAY_NAME_MAPPINGS = {"DreamCacheMaskReference": "Mask Reference"}

@@ -1,0 +1,330 @@
+"""The reference cut-out (subject centred on white) and the model-free SAM prompt.
+
+The core tests need only torch; the node tests at the end use the ``comfy``
+fixture and skip without COMFYUI_PATH.
+"""
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from comfyui_dreamcache.dreamcache_core.reference_mask import (
+    DEFAULT_MARGIN,
+    Box,
+    EmptyMaskError,
+    central_salient_box,
+    cut_subject_on_white,
+    cut_subjects_on_white,
+    find_salient_subject,
+    image_alpha,
+    image_to_rgb,
+    mask_bounding_box,
+    pick_best_mask,
+    resize_mask,
+    subject_square,
+)
+
+RED = torch.tensor([1.0, 0.0, 0.0])
+GREEN = torch.tensor([0.1, 0.6, 0.2])
+
+
+def scene(height=200, width=300, box=Box(100, 50, 140, 110), background=0.2, colour=RED):
+    """A flat-coloured rectangle on a flat background, and its mask."""
+    image = torch.full((height, width, 3), background)
+    image[box.top:box.bottom, box.left:box.right] = colour
+    mask = torch.zeros(height, width)
+    mask[box.top:box.bottom, box.left:box.right] = 1.0
+    return image, mask
+
+
+def box_centre(mask):
+    box = mask_bounding_box(mask)
+    return box.centre, box
+
+
+# --------------------------------------------------------------------------
+# cut_subject_on_white
+# --------------------------------------------------------------------------
+
+def test_subject_is_centred_scaled_and_on_exact_white():
+    image, mask = scene()  # a 40 x 60 subject off the image centre
+    out_image, out_mask = cut_subject_on_white(image, mask, 512)
+
+    assert out_image.shape == (512, 512, 3) and out_mask.shape == (512, 512)
+    assert out_image.dtype == torch.float32 and out_mask.dtype == torch.float32
+    (centre_x, centre_y), box = box_centre(out_mask)
+    assert abs(centre_x - 256) <= 1 and abs(centre_y - 256) <= 1
+    # The longest side (60 px) spans 1 / (1 + 2 * margin) of the square.
+    assert abs(box.height - 512 / (1 + 2 * DEFAULT_MARGIN)) <= 2
+    assert abs(box.width - box.height * 40 / 60) <= 2
+    # Where the mask is 0 the image is exactly white; elsewhere it is the
+    # subject blended with white: the grey background never shows.
+    assert torch.all(out_image[out_mask == 0] == 1.0)
+    assert (out_mask == 0).sum() > 0 and (out_mask == 1).sum() > 0
+    expected = out_mask[..., None] * RED + (1 - out_mask[..., None])
+    torch.testing.assert_close(out_image, expected, atol=1e-5, rtol=0)
+
+
+def test_soft_mask_blends_with_white_without_background_fringe():
+    image, hard_mask = scene(background=0.0, colour=GREEN)
+    soft_mask = torch.nn.functional.avg_pool2d(hard_mask[None, None], 9, stride=1, padding=4)[0, 0]
+    image[soft_mask > 0] = GREEN  # the subject's colour wherever the mask is not 0
+    out_image, out_mask = cut_subject_on_white(image, soft_mask, 256)
+
+    assert ((out_mask > 0.05) & (out_mask < 0.95)).sum() > 0, "the soft edge must survive"
+    expected = out_mask[..., None] * GREEN + (1 - out_mask[..., None])
+    torch.testing.assert_close(out_image, expected, atol=1e-5, rtol=0)
+
+
+def test_square_leaving_the_image_is_padded_with_white():
+    image, mask = scene(height=100, width=100, box=Box(0, 0, 30, 50))  # subject in the corner
+    out_image, out_mask = cut_subject_on_white(image, mask, 128, margin=0.25)
+    (centre_x, centre_y), _ = box_centre(out_mask)
+    assert abs(centre_x - 64) <= 1 and abs(centre_y - 64) <= 1
+    assert torch.all(out_image[:10] == 1.0) and torch.all(out_mask[:10] == 0.0)
+    assert torch.all(out_image[:, :10] == 1.0)
+
+
+def test_subject_square_geometry():
+    square = subject_square(Box(10, 20, 50, 80), margin=0.1)  # 40 x 60
+    assert square.width == square.height == 72
+    assert square.centre == (30.0, 50.0)
+    assert subject_square(Box(0, 0, 10, 10), margin=0.0) == Box(0, 0, 10, 10)
+
+
+def test_all_foreground_mask_keeps_the_whole_photo():
+    torch.manual_seed(0)
+    image = torch.rand(48, 64, 3)
+    out_image, out_mask = cut_subject_on_white(image, torch.ones(48, 64), 120, margin=0.0)
+    # 64 wide -> 120 px; 48 high -> 90 px, centred with white above and below.
+    assert mask_bounding_box(out_mask) == Box(0, 15, 120, 105)
+    assert torch.all(out_mask[20:100] == 1.0) and torch.all(out_image[:14] == 1.0)
+    assert out_image[20:100].std() > 0.1  # the photo, not white
+
+
+def test_empty_mask_is_a_clear_error():
+    image, _ = scene()
+    with pytest.raises(EmptyMaskError, match="mask is empty.*Draw the subject"):
+        cut_subject_on_white(image, torch.full((200, 300), 0.3), 512)
+    with pytest.raises(ValueError, match=r"Image 2 of 3: The mask is empty"):
+        masks = torch.stack([scene()[1], torch.zeros(200, 300), scene()[1]])
+        cut_subjects_on_white(image[None].expand(3, -1, -1, -1), masks, 64)
+
+
+def test_bad_shapes_and_arguments_are_errors():
+    image, mask = scene()
+    with pytest.raises(ValueError, match="resize_mask"):
+        cut_subject_on_white(image, mask[:100], 64)
+    with pytest.raises(ValueError, match="margin"):
+        cut_subject_on_white(image, mask, 64, margin=-0.1)
+    with pytest.raises(ValueError, match="5 channels"):
+        image_to_rgb(torch.zeros(1, 8, 8, 5))
+
+
+# --------------------------------------------------------------------------
+# Channels, sizes and batches
+# --------------------------------------------------------------------------
+
+def test_rgba_colour_is_used_and_alpha_is_offered_as_mask():
+    image, mask = scene()
+    rgba = torch.cat([image, mask[..., None]], dim=-1)[None]
+    assert torch.equal(image_to_rgb(rgba)[0], image)
+    assert torch.equal(image_alpha(rgba)[0], mask)
+    opaque = torch.cat([image, torch.ones(200, 300, 1)], dim=-1)[None]
+    assert image_alpha(opaque) is None and image_alpha(image[None]) is None
+
+    out_image, out_mask = cut_subjects_on_white(rgba, image_alpha(rgba), 128)
+    reference_image, reference_mask = cut_subject_on_white(image, mask, 128)
+    torch.testing.assert_close(out_image[0], reference_image)
+    torch.testing.assert_close(out_mask[0], reference_mask)
+
+
+def test_grayscale_image_gives_grey_rgb():
+    grey = torch.full((1, 64, 64, 1), 0.3)
+    grey[0, 20:40, 20:40] = 0.7
+    mask = (grey[..., 0] > 0.5).float()
+    out_image, out_mask = cut_subjects_on_white(grey, mask, 64)
+    assert out_image.shape == (1, 64, 64, 3)
+    assert torch.equal(out_image[..., 0], out_image[..., 1]) and torch.equal(out_image[..., 0], out_image[..., 2])
+    torch.testing.assert_close(out_image[0, 32, 32], torch.full((3,), 0.7))
+
+
+def test_tiny_16px_image_is_upscaled():
+    image, mask = scene(height=16, width=16, box=Box(4, 4, 12, 12))
+    out_image, out_mask = cut_subject_on_white(image, mask, 512)
+    (centre_x, centre_y), box = box_centre(out_mask)
+    assert abs(centre_x - 256) <= 1 and abs(centre_y - 256) <= 1
+    assert abs(box.width - 512 * 8 / 10) <= 2  # 8 px subject in a 10 px square (margin rounds up to 1 px)
+    torch.testing.assert_close(out_image[256, 256], RED)
+
+
+def test_4096px_image_is_downscaled():
+    # Grey (one channel) keeps the test's own memory small; the cut-out works
+    # on the crop one plane at a time.
+    grey = torch.full((1, 4096, 4096, 1), 0.5)
+    mask = torch.zeros(1, 4096, 4096)
+    mask[0, 1000:3000, 500:2500] = 1.0
+    out_image, out_mask = cut_subjects_on_white(grey, mask, 512)
+    assert out_image.shape == (1, 512, 512, 3)
+    (centre_x, centre_y), box = box_centre(out_mask[0])
+    assert abs(centre_x - 256) <= 1 and abs(centre_y - 256) <= 1
+    assert abs(box.width - 512 / 1.2) <= 2
+    assert torch.all(out_image[0][out_mask[0] == 0] == 1.0)
+    torch.testing.assert_close(out_image[0, 256, 256], torch.full((3,), 0.5))
+
+
+def test_each_image_gets_its_own_mask_and_one_mask_broadcasts():
+    boxes = [Box(10, 10, 50, 40), Box(200, 100, 260, 190), Box(120, 60, 160, 120)]
+    images, masks = zip(*(scene(box=box) for box in boxes))
+    images, masks = torch.stack(images), torch.stack(masks)
+
+    out_images, out_masks = cut_subjects_on_white(images, masks, 96)
+    assert out_images.shape == (3, 96, 96, 3) and out_masks.shape == (3, 96, 96)
+    for index in range(3):
+        single_image, single_mask = cut_subject_on_white(images[index], masks[index], 96)
+        torch.testing.assert_close(out_images[index], single_image)
+        torch.testing.assert_close(out_masks[index], single_mask)
+
+    out_images, out_masks = cut_subjects_on_white(images, masks[1], 96)  # one mask for all
+    assert out_images.shape == (3, 96, 96, 3)
+    assert torch.equal(out_masks[0], out_masks[2])
+    out_images, _ = cut_subjects_on_white(images[:1], masks, 96)  # one image, three masks
+    assert out_images.shape == (3, 96, 96, 3)
+
+    with pytest.raises(ValueError, match="3 images but 2 masks"):
+        cut_subjects_on_white(images, masks[:2], 96)
+
+
+def test_mask_of_another_size_is_resized_to_the_image():
+    image, mask = scene()
+    small_mask = resize_mask(mask, 100, 150)
+    assert small_mask.shape == (100, 150)
+    assert resize_mask(mask[None], 100, 150).shape == (1, 100, 150)
+    out_image, out_mask = cut_subjects_on_white(image[None], small_mask, 128)
+    reference_image, reference_mask = cut_subject_on_white(image, mask, 128)
+    (centre_x, centre_y), box = box_centre(out_mask[0])
+    assert abs(centre_x - 64) <= 1.5 and abs(centre_y - 64) <= 1.5
+    assert abs(box.height - mask_bounding_box(reference_mask).height) <= 3
+
+
+def test_mask_bounding_box():
+    mask = torch.zeros(10, 20)
+    mask[2:5, 3:9] = 1.0
+    mask[6, 15] = 0.4  # below the 0.5 threshold
+    assert mask_bounding_box(mask) == Box(3, 2, 9, 5)
+    assert mask_bounding_box(mask, threshold=0.3) == Box(3, 2, 16, 7)
+    assert mask_bounding_box(torch.zeros(4, 4)) is None
+
+
+# --------------------------------------------------------------------------
+# Automatic prompt: the most salient central object
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("background", [0.5, 1.0])
+def test_salient_box_covers_a_coloured_square(background):
+    square = Box(90, 60, 170, 140)
+    image, _ = scene(height=200, width=300, box=square, background=background, colour=GREEN)
+    prompt = find_salient_subject(image)
+    box = prompt.box
+    assert prompt.found
+    assert box.left <= square.left and box.top <= square.top
+    assert box.right >= square.right and box.bottom >= square.bottom
+    assert box.width <= square.width * 1.15 and box.height <= square.height * 1.15
+    point_x, point_y = prompt.point
+    assert square.left <= point_x < square.right and square.top <= point_y < square.bottom
+    assert central_salient_box(image) == box
+
+
+def test_salient_box_prefers_the_central_object_on_a_large_image():
+    image, _ = scene(height=1200, width=1600, box=Box(700, 500, 900, 700), background=1.0, colour=GREEN)
+    image[50:250, 50:250] = RED  # as big, but in the corner
+    box = find_salient_subject(image).box
+    assert 680 <= box.left <= 700 and 900 <= box.right <= 920
+    assert 480 <= box.top <= 500 and 700 <= box.bottom <= 720
+
+
+def test_uniform_image_falls_back_to_the_centre():
+    prompt = find_salient_subject(torch.full((100, 200, 3), 0.4))
+    assert not prompt.found
+    assert prompt.box == Box(20, 10, 180, 90) and prompt.point == (100.0, 50.0)
+
+
+def test_pick_best_mask_prefers_a_central_object_over_the_whole_image():
+    height, width = 100, 100
+    whole = np.ones((height, width), bool)
+    central = np.zeros((height, width), bool)
+    central[30:70, 30:70] = True
+    corner = np.zeros((height, width), bool)
+    corner[0:40, 0:40] = True
+    empty = np.zeros((height, width), bool)
+
+    assert pick_best_mask(np.stack([whole, central]), np.array([0.95, 0.9]), (height, width)) == 1
+    assert pick_best_mask(np.stack([corner, central]), np.array([0.9, 0.9]), (height, width)) == 1
+    assert pick_best_mask(np.stack([empty, corner]), np.array([0.99, 0.5]), (height, width)) == 1
+    assert pick_best_mask(torch.stack([torch.zeros(4, 4)] * 3), torch.tensor([0.1, 0.3, 0.2]), (4, 4)) == 1
+    with pytest.raises(ValueError):
+        pick_best_mask(np.stack([central]), np.array([0.5, 0.4]), (height, width))
+
+
+# --------------------------------------------------------------------------
+# The Mask Reference node, called as ComfyUI calls it
+# --------------------------------------------------------------------------
+
+def run_mask_reference(**inputs):
+    from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
+    node_class = DreamCacheMaskReference
+    return getattr(node_class(), node_class.FUNCTION)(**inputs)
+
+
+def test_mask_reference_node_declaration(comfy):
+    from comfyui_dreamcache.nodes.mask_reference import (
+        NODE_CLASS_MAPPINGS,
+        NODE_DISPLAY_NAME_MAPPINGS,
+        DreamCacheMaskReference,
+    )
+    assert NODE_CLASS_MAPPINGS == {"DreamCacheMaskReference": DreamCacheMaskReference}
+    assert NODE_DISPLAY_NAME_MAPPINGS == {"DreamCacheMaskReference": "Mask Reference"}
+    inputs = DreamCacheMaskReference.INPUT_TYPES()
+    assert list(inputs["required"]) == ["image", "size"]
+    assert inputs["required"]["image"][0] == "IMAGE"
+    size_type, size_options = inputs["required"]["size"]
+    assert size_type == "INT"
+    assert (size_options["default"], size_options["min"], size_options["max"], size_options["step"]) == (512, 64, 2048, 8)
+    assert inputs["optional"]["sam_model"][0] == "SAM_MODEL" and inputs["optional"]["mask"][0] == "MASK"
+    for section in inputs.values():
+        for name, (_, options) in section.items():
+            assert options.get("tooltip"), f"{name} has no tooltip"
+    assert DreamCacheMaskReference.RETURN_TYPES == ("IMAGE", "MASK")
+    assert len(DreamCacheMaskReference.OUTPUT_TOOLTIPS) == 2
+    assert DreamCacheMaskReference.CATEGORY == "DreamCache" and DreamCacheMaskReference.DESCRIPTION
+
+
+def test_mask_reference_node_with_a_mask(comfy):
+    image, mask = scene()
+    small_mask = resize_mask(mask, 100, 150)[None]  # another size: resized to the image
+    out_image, out_mask = run_mask_reference(image=image[None], size=256, mask=small_mask)
+    assert out_image.shape == (1, 256, 256, 3) and out_mask.shape == (1, 256, 256)
+    (centre_x, centre_y), _ = box_centre(out_mask[0])
+    assert abs(centre_x - 128) <= 1.5 and abs(centre_y - 128) <= 1.5
+    assert torch.all(out_image[out_mask == 0] == 1.0)
+
+
+def test_mask_reference_node_uses_transparency(comfy):
+    image, mask = scene()
+    rgba = torch.cat([image, mask[..., None]], dim=-1)[None]
+    out_image, out_mask = run_mask_reference(image=rgba, size=128)
+    reference_image, reference_mask = cut_subject_on_white(image, mask, 128)
+    torch.testing.assert_close(out_image[0], reference_image)
+    torch.testing.assert_close(out_mask[0], reference_mask)
+
+
+def test_mask_reference_node_errors_say_what_to_do(comfy, caplog):
+    image, mask = scene()
+    with pytest.raises(ValueError, match="connect a mask .* or a SAM model"):
+        run_mask_reference(image=image[None], size=128)
+    with pytest.raises(ValueError, match="mask is empty"):
+        run_mask_reference(image=image[None], size=128, mask=torch.zeros(1, 200, 300))
+    with caplog.at_level(logging.WARNING):
+        run_mask_reference(image=image[None], size=128, mask=1.0 - mask[None])
+    assert "Invert Mask" in caplog.text
