@@ -238,8 +238,9 @@ def cut_subject_on_white(
     Returns:
         ``(image [size, size, 3], mask [size, size])``, float32 on the input's
         device.  The subject's bounding box is centred; pixels whose output
-        mask is 0 are exactly white (1.0); the image is ``subject * mask +
-        white * (1 - mask)`` at every pixel.
+        mask is 0 are exactly white (1.0), solid subject has a mask of exactly
+        1.0, and the image is ``subject * mask + white * (1 - mask)`` at every
+        pixel.
 
     The blend is done premultiplied (``colour * mask`` and ``mask`` are
     resampled, then white is added where the mask is not), so no background
@@ -285,6 +286,8 @@ def cut_subject_on_white(
 
     on_image.copy_(mask[top:bottom, left:right]).clamp_(0.0, 1.0)
     out_mask = _resize_square_plane(square_plane, size).clamp(0.0, 1.0)
+    # Resampling weights sum to 1 only up to rounding: keep solid subject solid.
+    out_mask[out_mask > 1.0 - 1e-5] = 1.0
     crop_mask = on_image.clone()
 
     out_image = torch.empty((size, size, 3), dtype=torch.float32, device=image_rgb.device)

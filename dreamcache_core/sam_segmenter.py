@@ -19,6 +19,7 @@ Only the original SAM (``sam_vit_b_01ec64.pth``, ``sam_vit_l_0b3195.pth``,
 from __future__ import annotations
 
 import os
+import re
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -71,10 +72,12 @@ def load_sam_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # UnpicklingError, zip errors, EOF, ...
-            if "weights_only" in str(error) or "Unsupported global" in str(error):
-                reason = "it contains Python objects that are not loaded, for safety (only plain tensors are)"
+            unsafe_object = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+            if unsafe_object:
+                reason = (f"it contains Python objects ({unsafe_object.group(1)}), which are not loaded, for safety "
+                          "(only plain tensors are)")
             else:
-                reason = f"it is corrupt, truncated or not a PyTorch checkpoint ({type(error).__name__}: {error})"
+                reason = f"it is corrupt, truncated or not a PyTorch checkpoint ({type(error).__name__})"
             raise ValueError(f"'{name}' could not be loaded: {reason}. Use {_SUPPORTED_FILES}.") from error
 
     for wrapper_key in ("model", "state_dict"):

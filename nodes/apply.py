@@ -1,6 +1,7 @@
 """Apply DreamCache: patch a clone of MODEL with the adapters and a cache."""
 from ..dreamcache_core.adapter import adapter_for_model
 from ..dreamcache_core.cache import check_cache_fits
+from ..dreamcache_core.comfy_bridge import comfy_memory_attention
 from ..dreamcache_core.layers import discover_memory_layers, model_signature
 from ..dreamcache_core.patch import POSITIVE_CHUNK, DreamCacheInjection, attach_injection
 
@@ -55,7 +56,8 @@ class DreamCacheApply:
         sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         if apply_to not in APPLY_TO_CHUNKS:
             raise ValueError(f"apply_to must be one of {list(APPLY_TO_CHUNKS)}, got {apply_to!r}.")
-        injection = DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, APPLY_TO_CHUNKS[apply_to])
+        injection = DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, APPLY_TO_CHUNKS[apply_to],
+                                        attention=comfy_memory_attention)
         return (attach_injection(model.clone(), injection),)
 
 

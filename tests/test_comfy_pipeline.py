@@ -204,3 +204,15 @@ def test_half_precision_models_encode_and_sample(setup, dtype):
     assert torch.isfinite(personal).all() and (personal - plain).abs().max() > 1e-3
     (fresh_model,) = DreamCacheApply().apply(model, build_adapter(setup["specs"]), cache, 1.0, 0.0, 1.0, "positive only")
     assert torch.equal(sample(fresh_model), plain)
+
+
+def test_comfy_attention_matches_plain_attention(setup):
+    from comfyui_dreamcache.dreamcache_core.adapter import multihead_attention
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge import comfy_memory_attention
+    generator = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 10, 32, generator=generator)
+    k, v = torch.randn(1, 7, 32, generator=generator), torch.randn(1, 7, 32, generator=generator)
+    mask = torch.tensor([[True, True, False, True, False, True, True]])
+    torch.testing.assert_close(comfy_memory_attention(q, k, v, 4), multihead_attention(q, k, v, 4))
+    torch.testing.assert_close(comfy_memory_attention(q, k, v, 4, mask), multihead_attention(q, k, v, 4, mask))
+    torch.testing.assert_close(multihead_attention(q, k, v, 4, mask), multihead_attention(q, k[:, mask[0]], v[:, mask[0]], 4))
