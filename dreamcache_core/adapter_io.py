@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -184,11 +185,28 @@ def authors_specs_from_state_dict(state: dict, heads_by_dim_head: int = 64) -> l
     return specs
 
 
-def adapter_from_authors_state_dict(state: dict, base_model=None, source: str = "checkpoint") -> DreamCacheAdapter:
-    """Map the authors' keys onto our adapter. With ``base_model`` the layer layout (heads) comes from
-    the model and LN_m is folded against its norm1; without it the adapter stays unfolded."""
+@dataclass
+class BaseLayout:
+    """What loading an authors' checkpoint needs from its base model: the memory layers, their norm1
+    (to fold LN_m) and the model signature. From a live U-Net (``layout_of_model``) or read from a
+    checkpoint file (``convert_authors``)."""
+
+    specs: list
+    norm1_by_key: dict
+    signature: dict
+
+
+def layout_of_model(model) -> BaseLayout:
     from .layers import discover_memory_layers, memory_norm1, model_signature
 
+    return BaseLayout(discover_memory_layers(model), memory_norm1(model), model_signature(model))
+
+
+def adapter_from_authors_state_dict(state: dict, base_model=None, source: str = "checkpoint",
+                                    layout: Optional[BaseLayout] = None) -> DreamCacheAdapter:
+    """Map the authors' keys onto our adapter. With ``base_model`` (or an explicit ``layout``) the layer
+    layout (heads) comes from the base and LN_m is folded against its norm1; without either the adapter
+    stays unfolded, with the SD2.x head layout."""
     name = os.path.basename(source)
     layer_keys = _authors_layer_keys(state)
     if not layer_keys:
@@ -196,8 +214,10 @@ def adapter_from_authors_state_dict(state: dict, base_model=None, source: str = 
             f"{name} is not in the authors' DreamCache layout (no 'diffusion_model.<layer>.transformer_blocks.0."
             "attn_mem.*' keys). Use the authors' cross_attention-<step>.pt or one of our .safetensors adapters."
         )
-    if base_model is not None:
-        model_specs = {s.key: s for s in discover_memory_layers(base_model)}
+    if layout is None and base_model is not None:
+        layout = layout_of_model(base_model)
+    if layout is not None:
+        model_specs = {s.key: s for s in layout.specs}
         missing = [k for k in layer_keys if k not in model_specs]
         if missing:
             raise AdapterFileError(
@@ -205,7 +225,7 @@ def adapter_from_authors_state_dict(state: dict, base_model=None, source: str = 
                 f"({describe_layers(model_specs.values())}). It was made for another base model."
             )
         specs = [model_specs[k] for k in layer_keys]
-        signature = model_signature(base_model)
+        signature = layout.signature
     else:
         specs = authors_specs_from_state_dict(state)
         signature = {}
@@ -219,8 +239,8 @@ def adapter_from_authors_state_dict(state: dict, base_model=None, source: str = 
                 raise AdapterFileError(f"{name}: {prefix + authors_suffix} is not a tensor.")
             tensors[f"{spec.key}.{our_name}"] = tensor
     _copy_into(adapter, tensors, name)
-    if base_model is not None:
-        adapter.fold_norms(memory_norm1(base_model))
+    if layout is not None:
+        adapter.fold_norms(layout.norm1_by_key)
     return adapter
 
 

@@ -35,11 +35,11 @@ def test_safetensors_round_trip_keeps_every_tensor_and_the_metadata(tmp_path):
     assert json.loads(meta["layers"])[1] == TINY_SPECS[1].to_json()
 
 
-def authors_checkpoint(seed=0):
-    """Random tensors in the authors' key layout for TINY_SPECS (SD2.x-like heads of 12 -> use dim_head from spec)."""
+def authors_checkpoint(seed=0, specs=TINY_SPECS):
+    """Random tensors in the authors' key layout for ``specs``."""
     state = {}
     generator = torch.Generator().manual_seed(seed)
-    for spec in TINY_SPECS:
+    for spec in specs:
         prefix = f"{AUTHORS_PREFIX}{spec.key}{AUTHORS_BLOCK}"
         d, c, inner = spec.dim, spec.channels, spec.heads * spec.dim_head
         shapes = {"attn_mem.to_q.weight": (inner, d), "attn_mem.to_k.weight": (inner, c),
@@ -213,3 +213,39 @@ def test_cache_check_rejects_another_model():
         check_cache_fits(cache, TINY_SPECS[:2])
     with pytest.raises(ValueError, match="text width"):
         check_cache_fits(cache, TINY_SPECS, dict(TINY_SIGNATURE, context_dim=99))
+
+
+def test_convert_authors_cli_reads_the_base_checkpoint_and_folds(tmp_path):
+    from safetensors.torch import save_file
+    from comfyui_dreamcache.dreamcache_core.convert_authors import main
+    from comfyui_dreamcache.dreamcache_core.layers import MemoryLayerSpec
+    sd2_specs = [MemoryLayerSpec("middle_block.1", ("middle", 0), 128, 128, 2, 64),
+                 MemoryLayerSpec("output_blocks.4.1", ("output", 4), 128, 128, 2, 64),
+                 MemoryLayerSpec("output_blocks.6.1", ("output", 6), 64, 64, 1, 64)]
+    state = authors_checkpoint(seed=8, specs=sd2_specs)
+    adapter_path = str(tmp_path / "cross_attention-5.pt")
+    torch.save(state, adapter_path)
+    base = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(16, 4, 3, 3)}
+    norms = {}
+    for i, spec in enumerate(sd2_specs):
+        block0 = f"model.diffusion_model.{spec.key}.transformer_blocks.0."
+        norms[spec.key] = random_norm1(spec, seed=30 + i)
+        base[block0 + "norm1.weight"] = norms[spec.key].weight.detach().clone()
+        base[block0 + "norm1.bias"] = norms[spec.key].bias.detach().clone()
+        base[block0 + "attn2.to_k.weight"] = torch.zeros(spec.dim, 1024)
+        base[f"model.diffusion_model.{spec.key}.proj_in.weight"] = torch.zeros(spec.dim, spec.channels)
+    base_path = str(tmp_path / "base.safetensors")
+    save_file(base, base_path)
+    out = str(tmp_path / "out" / "dreamcache.safetensors")
+    assert main(["--adapter", adapter_path, "--base", base_path, "--out", out]) == 0
+    adapter = load_adapter(out)
+    assert adapter.signature["context_dim"] == 1024 and adapter.signature["model_channels"] == 16
+    assert list(adapter.specs.values()) == sd2_specs
+    for spec in sd2_specs:
+        prefix = f"{AUTHORS_PREFIX}{spec.key}{AUTHORS_BLOCK}"
+        x = random_tensor(1, 4, spec.dim, seed=2) * 3
+        layer = adapter.layer(spec.key)
+        via_norm1 = norms[spec.key](x) * layer.mem_norm_scale + layer.mem_norm_shift
+        direct = F.layer_norm(x, (spec.dim,), state[prefix + "norm2_mem.weight"], state[prefix + "norm2_mem.bias"])
+        torch.testing.assert_close(via_norm1, direct, rtol=1e-4, atol=1e-5)
+    assert main(["--adapter", base_path, "--base", base_path, "--out", out]) == 2
