@@ -432,7 +432,7 @@ def find_salient_subject(image_rgb: torch.Tensor) -> SubjectPrompt:
     if image_rgb.ndim != 3 or image_rgb.shape[-1] != 3:
         raise ValueError(f"Expected one RGB image shaped [height, width, 3], got shape {tuple(image_rgb.shape)}.")
     height, width = image_rgb.shape[:2]
-    thumbnail = _saliency_thumbnail(image_rgb.detach().cpu().clamp(0.0, 1.0))
+    thumbnail = _saliency_thumbnail(image_rgb.detach().cpu()).clamp(0.0, 1.0)
     small_height, small_width = thumbnail.shape[:2]
     scale_x, scale_y = width / small_width, height / small_height
 

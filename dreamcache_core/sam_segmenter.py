@@ -199,16 +199,21 @@ def build_sam_from_state_dict(state_dict: Mapping[str, torch.Tensor]):
 # Segmenting
 # --------------------------------------------------------------------------
 
-def _to_uint8_rgb(image) -> np.ndarray:
-    """``[H, W, C]`` float 0..1 tensor/array or uint8 array -> ``[H, W, 3]`` uint8 array."""
+def _as_float_rgb(image) -> torch.Tensor:
+    """``[H, W, C]`` float 0..1 tensor/array or uint8 array -> ``[H, W, 3]`` float CPU tensor (a view when possible)."""
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(image)
     if image.ndim != 3:
         raise ValueError(f"Expected one image shaped [height, width, channels], got shape {tuple(image.shape)}.")
     if image.dtype == torch.uint8:
         image = image.float() / 255.0
-    rgb = image_to_rgb(image.detach().float().cpu())
-    return (rgb.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).contiguous().numpy()
+    return image_to_rgb(image.detach().cpu().float())
+
+
+def _to_uint8(image_rgb: torch.Tensor) -> np.ndarray:
+    """``[H, W, 3]`` float 0..1 -> uint8 array, with a single float temporary."""
+    scaled = image_rgb.clamp(0.0, 1.0)
+    return scaled.mul_(255.0).round_().to(torch.uint8).numpy()
 
 
 def segment_subject(sam_model, image, box: Optional[Tuple[float, float, float, float]] = None) -> torch.Tensor:
@@ -226,10 +231,10 @@ def segment_subject(sam_model, image, box: Optional[Tuple[float, float, float, f
     """
     from segment_anything import SamPredictor
 
-    image_uint8 = _to_uint8_rgb(image)
-    height, width = image_uint8.shape[:2]
+    image_rgb = _as_float_rgb(image)
+    height, width = image_rgb.shape[:2]
     if box is None:
-        prompt = find_salient_subject(torch.from_numpy(image_uint8).float() / 255.0)
+        prompt = find_salient_subject(image_rgb)
         box_xyxy = prompt.box.xyxy
         point_coords = np.array([prompt.point], dtype=np.float32)
         point_labels = np.array([1], dtype=np.int64)
@@ -239,7 +244,7 @@ def segment_subject(sam_model, image, box: Optional[Tuple[float, float, float, f
 
     predictor = SamPredictor(sam_model)
     with torch.inference_mode():
-        predictor.set_image(image_uint8, image_format="RGB")
+        predictor.set_image(_to_uint8(image_rgb), image_format="RGB")
         masks, scores, _low_res_logits = predictor.predict(
             point_coords=point_coords,
             point_labels=point_labels,

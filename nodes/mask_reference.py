@@ -80,11 +80,12 @@ class DreamCacheMaskReference:
     def mask_reference(self, image, size, sam_model=None, mask=None):
         if image.ndim == 3:
             image = image.unsqueeze(0)
+        transparency = image_alpha(image)
         if mask is not None:
             subject_masks = as_mask_batch(mask)
             warn_if_mask_looks_inverted(subject_masks)
-        elif image_alpha(image) is not None:
-            subject_masks = image_alpha(image)
+        elif transparency is not None:
+            subject_masks = transparency
         elif sam_model is not None:
             subject_masks = self.segment_with_sam(as_sam_model(sam_model), image_to_rgb(image))
         else:

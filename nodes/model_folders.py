@@ -14,6 +14,7 @@ CACHE_FOLDER = "dreamcache_caches"
 CACHE_OUTPUT_SUBFOLDER = "dreamcache"
 SAM_FOLDER = "sams"
 ADAPTER_EXTENSIONS = {".safetensors", ".pt", ".pth", ".ckpt", ".bin"}
+SAM_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".sft")
 
 
 def _register(name, paths, extensions):
@@ -24,7 +25,8 @@ def _register(name, paths, extensions):
 
 
 def register_model_folders():
+    """Idempotent: ComfyUI's add_model_folder_path skips paths it already has."""
     _register(ADAPTER_FOLDER, [os.path.join(folder_paths.models_dir, ADAPTER_FOLDER), PACK_MODELS_DIR], ADAPTER_EXTENSIONS)
     _register(CACHE_FOLDER, [os.path.join(folder_paths.models_dir, CACHE_FOLDER),
                              os.path.join(folder_paths.get_output_directory(), CACHE_OUTPUT_SUBFOLDER)], {".safetensors"})
-    _register(SAM_FOLDER, [os.path.join(folder_paths.models_dir, SAM_FOLDER)], {".pth", ".pt", ".safetensors"})
+    _register(SAM_FOLDER, [os.path.join(folder_paths.models_dir, SAM_FOLDER)], set(SAM_FILE_EXTENSIONS))

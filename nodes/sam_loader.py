@@ -9,7 +9,6 @@ accepts those too.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -17,24 +16,13 @@ import comfy.model_management
 import folder_paths
 
 from ..dreamcache_core.sam_segmenter import build_sam_from_state_dict, detect_sam_variant, load_sam_checkpoint, segment_subject
+from .model_folders import SAM_FILE_EXTENSIONS, SAM_FOLDER
 
-SAM_FOLDER = "sams"
-SAM_FILE_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".sft")
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
-
-
-def register_sam_folder() -> None:
-    """Make sure ComfyUI knows the ``sams`` model folder (``models/sams``)."""
-    default_path = os.path.join(folder_paths.models_dir, SAM_FOLDER)
-    if SAM_FOLDER in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(SAM_FOLDER, default_path)
-    else:
-        folder_paths.folder_names_and_paths[SAM_FOLDER] = ([default_path], set(folder_paths.supported_pt_extensions))
 
 
 def sam_checkpoint_names() -> list:
     """The checkpoint files in the ``sams`` folders (other files are left out)."""
-    register_sam_folder()
     return [name for name in folder_paths.get_filename_list(SAM_FOLDER) if name.lower().endswith(SAM_FILE_EXTENSIONS)]
 
 
@@ -153,7 +141,6 @@ class DreamCacheSAMLoader:
         return (DreamCacheSamModel(sam, variant, compute_device, storage_device, name=model_name),)
 
 
-register_sam_folder()
 
 NODE_CLASS_MAPPINGS = {"DreamCacheSAMLoader": DreamCacheSAMLoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"DreamCacheSAMLoader": "Load SAM Model (DreamCache)"}

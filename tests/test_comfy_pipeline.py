@@ -5,7 +5,7 @@ Skipped (with the reason) when COMFYUI_PATH is unset.
 import pytest
 import torch
 
-from tiny_models import initialise_seeded, ksample, text_conditioning, tiny_sd15_model
+from tiny_models import ksample, text_conditioning, tiny_sd15_model
 
 LATENT = 16  # 16x16 latent = 128 px image
 

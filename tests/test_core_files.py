@@ -1,12 +1,11 @@
 """Adapter and cache files: our safetensors, the authors' .pt, and bad files."""
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_dreamcache.dreamcache_core.adapter import DreamCacheAdapter, build_adapter
+from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
 from comfyui_dreamcache.dreamcache_core.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, TENSOR_NAMES, AdapterFileError,
                                                            adapter_from_authors_state_dict, adapter_state_dict,
                                                            authors_specs_from_state_dict, authors_state_dict,
