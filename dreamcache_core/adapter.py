@@ -31,7 +31,8 @@ AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Opt
 def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                         key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Plain multi-head attention. q [B, Lq, H*D]; k, v [B or 1, Lk, H*D];
-    key_mask [B or 1, Lk] bool (True = attend). Returns [B, Lq, H*D]."""
+    key_mask [B or 1, Lk]: bool (True = attend) or floating (an additive logit bias, e.g. log reference weights).
+    Returns [B, Lq, H*D]."""
     batch, length_q, inner = q.shape
     dim_head = inner // heads
     if k.shape[0] != batch:
@@ -42,7 +43,8 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     v = v.reshape(batch, v.shape[1], heads, dim_head).transpose(1, 2)
     attn_mask = None
     if key_mask is not None:
-        attn_mask = key_mask.to(torch.bool).expand(batch, -1)[:, None, None, :]
+        attn_mask = key_mask.to(torch.bool) if not key_mask.is_floating_point() else key_mask.to(q.dtype)
+        attn_mask = attn_mask.expand(batch, -1)[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return out.transpose(1, 2).reshape(batch, length_q, inner)
 

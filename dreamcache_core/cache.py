@@ -6,15 +6,23 @@ token mask [N, h*w] (True = subject token: background tokens are left out of
 the memory keys and values) and metadata (model signature, latent size, seed,
 sigma/timestep).
 
-All references of one cache form ONE memory: the keys and values are the union
-of the subject tokens of every reference, shared by every image of the batch.
+All references of one cache form ONE memory by default: the keys and values
+are the union of the subject tokens of every reference, shared by every image
+of the batch. Each reference may carry a relative weight (``reference_weights``):
+the injection adds log(w_i) to the attention logits of reference i's keys, so
+the softmax over the union gives reference i w_i times the mass each of its
+tokens would otherwise get (weights summing to one over copies of one
+reference reproduce that reference exactly). ``per_reference_tokens`` gives the
+other layout, one memory per reference (padded, with a key mask), for "one
+reference per image".
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +43,13 @@ class DreamCache:
     features: dict  # layer key -> [N, C, h, w] tensor (STORAGE_DTYPE, CPU)
     token_masks: dict = field(default_factory=dict)  # layer key -> [N, h*w] bool, or absent = all tokens
     metadata: dict = field(default_factory=dict)
+    reference_weights: Optional[list] = None  # relative weight per reference, or None = all equal
 
     def __post_init__(self):
         self.features = {k: v.detach().to("cpu", STORAGE_DTYPE).contiguous() for k, v in self.features.items()}
         self.token_masks = {k: v.detach().to("cpu", torch.bool).contiguous() for k, v in self.token_masks.items()}
+        if self.reference_weights is not None:
+            self.reference_weights = check_reference_weights(self.reference_weights, self.num_references)
         self._materialized: dict = {}
 
     @property
@@ -76,11 +87,182 @@ class DreamCache:
         self._materialized[memo_key] = tokens
         return tokens
 
+    def token_counts(self, key: str) -> list[int]:
+        """Number of memory tokens each reference contributes to layer ``key``."""
+        features = self.features[key]
+        mask = self.token_masks.get(key)
+        if mask is None:
+            return [features.shape[2] * features.shape[3]] * features.shape[0]
+        return [int(m.sum()) for m in mask]
+
+    def weighted_memory_tokens(self, key: str, weights: Optional[Sequence[float]] = None, device=None, dtype=None):
+        """The shared memory of layer ``key`` with per-reference weights: (tokens [1, L, C], bias [1, L] or None).
+
+        ``weights`` (default: the cache's own) are relative; reference i's keys get the additive logit bias
+        log(w_i / sum w). References of weight 0 are left out. The bias is None when every kept reference has
+        the same weight (then the tokens are exactly ``memory_tokens``: a softmax ignores a common shift).
+        """
+        weights = self.reference_weights if weights is None else check_reference_weights(weights, self.num_references)
+        if weights is None or len(set(weights)) == 1:
+            return self.memory_tokens(key, device, dtype), None
+        memo_key = ("weighted", key, tuple(weights), str(device), dtype)
+        cached = self._materialized.get(memo_key)
+        if cached is not None:
+            return cached
+        total = sum(weights)
+        counts = self.token_counts(key)
+        keep = [i for i, w in enumerate(weights) if w > 0]
+        tokens = self.memory_tokens(key, device, dtype)
+        if len(keep) < len(weights):
+            starts = [sum(counts[:i]) for i in range(len(counts))]
+            index = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in keep])
+            tokens = tokens[:, index.to(tokens.device)]
+        kept_weights = [weights[i] for i in keep]
+        if len(set(kept_weights)) == 1:
+            bias = None
+        else:
+            bias = torch.cat([torch.full((counts[i],), math.log(weights[i] / total)) for i in keep])
+            bias = bias.unsqueeze(0).to(device=device, dtype=dtype or torch.float32)
+        found = (tokens, bias)
+        self._materialized[memo_key] = found
+        return found
+
+    def per_reference_tokens(self, key: str, device=None, dtype=None):
+        """One memory per reference: (tokens [N, Lmax, C], key_mask [N, Lmax] bool or None).
+
+        References with fewer subject tokens than the longest are padded with zeros; the key mask
+        (True = attend) hides the padding. It is None when no reference needs padding.
+        """
+        memo_key = ("per_reference", key, str(device), dtype)
+        cached = self._materialized.get(memo_key)
+        if cached is not None:
+            return cached
+        features = self.features[key]
+        tokens = features.flatten(2).transpose(1, 2)  # [N, h*w, C]
+        mask = self.token_masks.get(key)
+        key_mask = None
+        if mask is not None:
+            counts = self.token_counts(key)
+            longest = max(counts)
+            padded = tokens.new_zeros(tokens.shape[0], longest, tokens.shape[2])
+            key_mask = torch.zeros(tokens.shape[0], longest, dtype=torch.bool)
+            for i, count in enumerate(counts):
+                padded[i, :count] = tokens[i][mask[i]]
+                key_mask[i, :count] = True
+            tokens = padded
+            if bool(key_mask.all()):
+                key_mask = None
+        tokens = tokens.to(device=device, dtype=dtype or torch.float32)
+        if key_mask is not None:
+            key_mask = key_mask.to(device)
+        found = (tokens, key_mask)
+        self._materialized[memo_key] = found
+        return found
+
+    def select(self, indices: Sequence[int]) -> "DreamCache":
+        """A cache of the references ``indices`` only (features, token masks and weights follow)."""
+        indices = [int(i) for i in indices]
+        count = self.num_references
+        if not indices or any(i < 0 or i >= count for i in indices):
+            raise ValueError(f"Reference indices {indices} do not fit a cache of {count} references (0..{count - 1}).")
+        weights = None if self.reference_weights is None else [self.reference_weights[i] for i in indices]
+        metadata = dict(self.metadata, num_references=len(indices))
+        return DreamCache({k: v[indices] for k, v in self.features.items()},
+                          {k: v[indices] for k, v in self.token_masks.items()}, metadata, weights)
+
+    def with_reference_weights(self, weights: Optional[Sequence[float]]) -> "DreamCache":
+        """The same references (tensors shared, not copied) with other relative weights."""
+        return DreamCache(self.features, self.token_masks, dict(self.metadata), weights)
+
     def release_device_copies(self):
         self._materialized.clear()
 
     def to_dict(self) -> dict:
         return {"features": self.features, "token_masks": self.token_masks, "metadata": self.metadata}
+
+
+def check_reference_weights(weights: Sequence[float], num_references: int) -> list[float]:
+    """Validate relative reference weights: one finite, non-negative number per reference, not all zero."""
+    try:
+        values = [float(w) for w in weights]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"Reference weights must be numbers, got {weights!r}.") from error
+    if len(values) != num_references:
+        raise ValueError(f"{len(values)} reference weights were given for a cache of {num_references} references; "
+                         f"give exactly one weight per reference (e.g. {', '.join(['1'] * num_references)}).")
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f"Reference weights must be finite and >= 0, got {values}.")
+    if not any(w > 0 for w in values):
+        raise ValueError("All reference weights are 0, so no reference would be used. Give at least one weight > 0.")
+    return values
+
+
+def parse_reference_weights(text: str, num_references: int) -> Optional[list[float]]:
+    """Weights from a comma- or space-separated string ("1, 0.5"); None for an empty string."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    parts = [p for p in text.replace(";", ",").replace(",", " ").split() if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError as error:
+        raise ValueError(f"Could not read reference weights {text!r}: write numbers separated by commas, "
+                         "e.g. '1, 0.5'.") from error
+    return check_reference_weights(values, num_references)
+
+
+def combine_caches(caches: Sequence[DreamCache], cache_weights: Optional[Sequence[float]] = None) -> DreamCache:
+    """One cache holding the references of all ``caches`` (the memory is the union of their tokens).
+
+    ``cache_weights`` weight each cache as a whole: reference j of cache i gets
+    cache_weights[i] * (its weight within cache i, normalised to sum 1). Feature maps of different sizes
+    (references encoded at other resolutions) are zero-padded to the largest and the padding is
+    masked out of the memory.
+    """
+    caches = list(caches)
+    if not caches:
+        raise ValueError("Nothing to combine: give at least one DreamCache.")
+    first = caches[0]
+    for other in caches[1:]:
+        if sorted(other.keys) != sorted(first.keys) or any(
+                other.features[k].shape[1] != first.features[k].shape[1] for k in first.keys):
+            raise ValueError("These DreamCaches were encoded on different models (their memory layers differ). "
+                             "Encode every reference with the same MODEL before combining them.")
+        if first.signature and other.signature and first.signature.get("context_dim") != other.signature.get("context_dim"):
+            raise ValueError("These DreamCaches were encoded on different base models (text widths differ). "
+                             "Encode every reference with the same MODEL before combining them.")
+    if cache_weights is None:
+        cache_weights = [1.0] * len(caches)
+    cache_weights = check_reference_weights(cache_weights, len(caches))
+    weights = []
+    for cache, cache_weight in zip(caches, cache_weights):
+        own = cache.reference_weights or [1.0] * cache.num_references
+        weights += [cache_weight * w / sum(own) for w in own]
+    features, token_masks = {}, {}
+    for key in first.keys:
+        height = max(c.features[key].shape[2] for c in caches)
+        width = max(c.features[key].shape[3] for c in caches)
+        same_size = all(tuple(c.features[key].shape[2:]) == (height, width) for c in caches)
+        parts, masks = [], []
+        for cache in caches:
+            feature = cache.features[key]
+            n, channels, h, w = feature.shape
+            mask = cache.token_masks.get(key)
+            mask = torch.ones(n, h * w, dtype=torch.bool) if mask is None else mask
+            if (h, w) != (height, width):
+                feature = F.pad(feature, (0, width - w, 0, height - h))
+                mask = F.pad(mask.view(n, h, w), (0, width - w, 0, height - h), value=False).flatten(1)
+            parts.append(feature)
+            masks.append(mask)
+        features[key] = torch.cat(parts)
+        if same_size and all(key not in c.token_masks for c in caches):
+            continue
+        token_masks[key] = torch.cat(masks)
+    metadata = dict(first.metadata)
+    metadata["num_references"] = sum(c.num_references for c in caches)
+    metadata["combined_from"] = [{"num_references": c.num_references, "latent_size": c.metadata.get("latent_size"),
+                                  "seed": c.metadata.get("seed")} for c in caches]
+    return DreamCache(features, token_masks, metadata, weights)
 
 
 def token_masks_from_mask(mask: torch.Tensor, feature_sizes: dict, threshold: float = 0.5) -> dict:
@@ -143,6 +325,8 @@ def save_cache(cache: DreamCache, path: str) -> None:
 
     tensors = {f"features.{k}": v for k, v in cache.features.items()}
     tensors.update({f"token_mask.{k}": v.to(torch.uint8) for k, v in cache.token_masks.items()})
+    if cache.reference_weights is not None:
+        tensors["reference_weights"] = torch.tensor(cache.reference_weights, dtype=torch.float64)
     metadata = {
         "dreamcache_format": FORMAT_NAME,
         "dreamcache_version": FORMAT_VERSION,
@@ -172,4 +356,6 @@ def load_cache(path: str) -> DreamCache:
                              "written by Save DreamCache.")
     features = {k[len("features."):]: v for k, v in tensors.items() if k.startswith("features.")}
     masks = {k[len("token_mask."):]: v.bool() for k, v in tensors.items() if k.startswith("token_mask.")}
-    return DreamCache(features, masks, json.loads(meta.get("metadata", "{}")))
+    weights = tensors.get("reference_weights")
+    weights = None if weights is None else [float(w) for w in weights]
+    return DreamCache(features, masks, json.loads(meta.get("metadata", "{}")), weights)

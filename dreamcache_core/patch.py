@@ -10,6 +10,12 @@ The output patch replaces a1 by a1 + s * (adapter(n, a1, memory) - a1) on the
 batch rows that are active (their chunk is included and the step's sigma lies
 inside [sigma_end, sigma_start]); every other row, layer and block is returned
 bit for bit as it came. Training and inference use these same objects.
+
+Artist controls (see ``controls``): s is the global strength times the layer's
+weight (``layer_strengths``); a region mask limits the change to the tokens it
+covers (uncovered tokens are returned bit for bit); the memory is either shared
+by every image (the union of all references, each with its relative weight as
+a log bias on its keys) or one reference per image of the batch.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from typing import Iterable, Optional
 import torch
 
 from .adapter import DreamCacheAdapter, multihead_attention
-from .cache import DreamCache
+from .cache import DreamCache, check_reference_weights
+from .controls import REFERENCE_MODES, prepare_region_mask, region_token_weights, token_grid
 
 POSITIVE_CHUNK = 0  # index of the positive cond list in KSampler's cond_or_uncond
 
@@ -33,14 +40,27 @@ class DreamCacheInjection:
     chunks:           cond_or_uncond values to personalise (None = all)
     reuse_memory_kv:  when gradients are off, W_k R and W_v R (and the cast weights) are computed once
                       per device/dtype and reused by every step; training always recomputes them
+    region_mask:      optional MASK [H, W] or [1 or batch, H, W] over the generated image (1 = personalise),
+                      area-resized to each layer's token grid; tokens it does not touch stay bit for bit
+    reference_mode:   "shared" (every image attends to all references) or "per_image" (image i of the
+                      batch attends to reference i only)
+    reference_weights: relative weight per reference (shared mode); None = the cache's own weights
     """
 
     def __init__(self, adapter: DreamCacheAdapter, cache: DreamCache, strength: float = 1.0,
                  sigma_start: float = math.inf, sigma_end: float = 0.0, chunks: Optional[Iterable[int]] = (POSITIVE_CHUNK,),
-                 layer_strengths: Optional[dict] = None, reuse_memory_kv: bool = True, attention=multihead_attention):
+                 layer_strengths: Optional[dict] = None, reuse_memory_kv: bool = True, attention=multihead_attention,
+                 region_mask: Optional[torch.Tensor] = None, reference_mode: str = "shared",
+                 reference_weights: Optional[Iterable[float]] = None):
         if not adapter.norm_folded:
             raise ValueError("The adapter's LN_m is not folded against the base model yet (authors' checkpoint); "
                              "Apply DreamCache folds it when given the model.")
+        if reference_mode not in REFERENCE_MODES:
+            raise ValueError(f"reference_mode must be one of {list(REFERENCE_MODES)}, got {reference_mode!r}.")
+        unknown = sorted(set(layer_strengths or {}) - set(adapter.specs))
+        if unknown:
+            raise ValueError(f"Layer weights name {unknown}, which are not memory layers of this adapter "
+                             f"({sorted(adapter.specs)}).")
         self.adapter = adapter
         self.cache = cache
         self.strength = float(strength)
@@ -52,7 +72,12 @@ class DreamCacheInjection:
         self.attention = attention
         self.layers_by_block = {spec.block: key for key, spec in adapter.specs.items()}
         self.state_key = f"dreamcache_norm1_{id(self)}"
+        self.region_mask = prepare_region_mask(region_mask)
+        self.reference_mode = reference_mode
+        self.reference_weights = (None if reference_weights is None
+                                  else check_reference_weights(list(reference_weights), cache.num_references))
         self._memo: dict = {}
+        self._region_memo: dict = {}
         self.attn1_patch = DreamCacheNorm1Patch(self)
         self.attn1_output_patch = DreamCacheOutputPatch(self)
 
@@ -80,24 +105,52 @@ class DreamCacheInjection:
             active &= (sigma <= self.sigma_start) & (sigma >= self.sigma_end)
         return active if bool(active.any()) else None
 
-    def layer_inputs(self, key: str, device, dtype):
-        """(weights dict, memory keys, memory values) for layer ``key`` on ``device``/``dtype``."""
+    @property
+    def simple(self) -> bool:
+        """No region mask and one shared memory: the plain path of the output patch."""
+        return self.region_mask is None and self.reference_mode == "shared"
+
+    def _memory_tokens(self, key: str, device, dtype):
+        """(tokens [1 or N, L, C], key mask or bias [1 or N, L] or None) in this injection's reference mode."""
+        if self.reference_mode == "per_image":
+            return self.cache.per_reference_tokens(key, device, dtype)
+        return self.cache.weighted_memory_tokens(key, self.reference_weights, device, dtype)
+
+    def layer_memory(self, key: str, device, dtype):
+        """(weights dict, memory keys, memory values, key mask or bias) for layer ``key`` on ``device``/``dtype``.
+
+        Shared mode: keys/values [1, L, inner] (all references), bias [1, L] of log reference weights or None.
+        Per-image mode: [N, Lmax, inner] (one memory per reference), bool key mask [N, Lmax] or None.
+        """
         layer = self.adapter.layer(key)
         if torch.is_grad_enabled() or not self.reuse_memory_kv:
             weights = layer.runtime_weights(dtype, device)
-            tokens = self.cache.memory_tokens(key, device, dtype)
+            tokens, key_mask = self._memory_tokens(key, device, dtype)
             k, v = layer.project_memory(tokens, weights)
-            return weights, k, v
+            return weights, k, v, key_mask
         version = tuple(p._version for p in layer.parameters())
         memo_key = (key, str(device), dtype)
         found = self._memo.get(memo_key)
         if found is None or found[0] != version:
             weights = {k: t.detach() for k, t in layer.runtime_weights(dtype, device).items()}
-            tokens = self.cache.memory_tokens(key, device, dtype)
+            tokens, key_mask = self._memory_tokens(key, device, dtype)
             k, v = layer.project_memory(tokens, weights)
-            found = (version, weights, k, v)
+            found = (version, weights, k, v, key_mask)
             self._memo[memo_key] = found
-        return found[1], found[2], found[3]
+        return found[1], found[2], found[3], found[4]
+
+    def layer_inputs(self, key: str, device, dtype):
+        """(weights dict, memory keys, memory values) for layer ``key`` on ``device``/``dtype``."""
+        return self.layer_memory(key, device, dtype)[:3]
+
+    def region_weights(self, height: int, width: int, device) -> torch.Tensor:
+        """[M, height*width] float32 token weights of the region mask at this grid, on ``device`` (memoised)."""
+        memo_key = (height, width, str(device))
+        found = self._region_memo.get(memo_key)
+        if found is None:
+            found = region_token_weights(self.region_mask, height, width).to(device)
+            self._region_memo[memo_key] = found
+        return found
 
     def to(self, device):
         """ComfyUI moves patches with the model; device copies are made lazily, once per device/dtype."""
@@ -105,6 +158,7 @@ class DreamCacheInjection:
 
     def release_device_copies(self):
         self._memo.clear()
+        self._region_memo.clear()
         self.cache.release_device_copies()
 
     def models(self):
@@ -150,18 +204,71 @@ class DreamCacheOutputPatch:
         rows = injection.active_rows(a1.shape[0], extra_options)
         if rows is None:
             return a1
-        weights, memory_k, memory_v = injection.layer_inputs(key, a1.device, a1.dtype)
+        if not injection.simple:
+            return self.controlled(key, n, a1, rows, strength, extra_options)
+        weights, memory_k, memory_v, key_bias = injection.layer_memory(key, a1.device, a1.dtype)
         layer = injection.adapter.layer(key)
         all_rows = bool(rows.all())
         a1_active = a1 if all_rows else a1[rows.to(a1.device)]
         n_active = n if all_rows else n[rows.to(n.device)]
-        adapted = layer(n_active, a1_active, memory_k, memory_v, weights=weights, attention=injection.attention)
+        adapted = layer(n_active, a1_active, memory_k, memory_v, key_mask=key_bias, weights=weights,
+                        attention=injection.attention)
         if strength != 1.0:
             adapted = a1_active + strength * (adapted - a1_active)
         if all_rows:
             return adapted
         out = a1.clone()
         out[rows.to(a1.device)] = adapted
+        return out
+
+    def controlled(self, key, n, a1, rows, strength, extra_options):
+        """The output patch with a region mask and/or one reference per image."""
+        injection = self.injection
+        row_index = rows.nonzero().flatten()
+        chunk_ids = extra_options.get("cond_or_uncond") or [0]
+        images = max(a1.shape[0] // len(chunk_ids), 1)
+        image_of_row = row_index % images
+        weights, memory_k, memory_v, key_mask = injection.layer_memory(key, a1.device, a1.dtype)
+        if injection.reference_mode == "per_image" and memory_k.shape[0] > 1:
+            if memory_k.shape[0] != images:
+                raise ValueError(
+                    f"'one reference per image' needs one reference for each image of the batch: the cache holds "
+                    f"{memory_k.shape[0]} references but the batch has {images} images. Encode as many references as "
+                    "images (a batch), or use 'all references shared'.")
+            pick = image_of_row.to(memory_k.device)
+            memory_k, memory_v = memory_k[pick], memory_v[pick]
+            key_mask = None if key_mask is None else key_mask[pick]
+        device_rows = row_index.to(a1.device)
+        a1_active, n_active = a1[device_rows], n[device_rows.to(n.device)]
+        layer = injection.adapter.layer(key)
+        if injection.region_mask is None:
+            adapted = layer(n_active, a1_active, memory_k, memory_v, key_mask=key_mask, weights=weights,
+                            attention=injection.attention)
+            if strength != 1.0:
+                adapted = a1_active + strength * (adapted - a1_active)
+            out = a1.clone()
+            out[device_rows] = adapted
+            return out
+        height, width = token_grid(extra_options, a1.shape[1])
+        region = injection.region_weights(height, width, a1.device)  # [M, L]
+        if region.shape[0] == 1:
+            token_weights = region.expand(len(row_index), -1)
+        elif region.shape[0] == images:
+            token_weights = region[image_of_row.to(region.device)]
+        else:
+            raise ValueError(f"The attention mask batch has {region.shape[0]} masks for a batch of {images} images; "
+                             "give one mask, or one mask per image.")
+        token_weights = token_weights * strength
+        tokens = (token_weights != 0).any(0).nonzero().flatten()
+        if tokens.numel() == 0:
+            return a1
+        a1_sub, n_sub = a1_active[:, tokens], n_active[:, tokens.to(n.device)]
+        adapted = layer(n_sub, a1_sub, memory_k, memory_v, key_mask=key_mask, weights=weights,
+                        attention=injection.attention)
+        blend = token_weights[:, tokens].to(a1.dtype).unsqueeze(-1)
+        mixed = torch.where(blend != 0, torch.lerp(a1_sub, adapted, blend), a1_sub)  # lerp: 1 -> adapted exactly
+        out = a1.clone()
+        out[device_rows[:, None], tokens[None, :]] = mixed
         return out
 
     def to(self, device):

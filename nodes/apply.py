@@ -1,11 +1,67 @@
 """Apply DreamCache: patch a clone of MODEL with the adapters and a cache."""
 from ..dreamcache_core.adapter import adapter_for_model
-from ..dreamcache_core.cache import check_cache_fits
+from ..dreamcache_core.cache import check_cache_fits, parse_reference_weights
 from ..dreamcache_core.comfy_bridge import comfy_memory_attention
+from ..dreamcache_core.controls import layer_strengths
 from ..dreamcache_core.layers import discover_memory_layers, model_signature
 from ..dreamcache_core.patch import POSITIVE_CHUNK, DreamCacheInjection, attach_injection
 
 APPLY_TO_CHUNKS = {"positive only": (POSITIVE_CHUNK,), "positive and negative": None}
+REFERENCE_MODES = {"all references shared": "shared", "one reference per image": "per_image"}
+
+ATTN_MASK_TOOLTIP = ("Optional region over the generated image (1 = put the subject here). Any size: it is stretched to "
+                     "the image and area-resized to each layer's token grid. Outside it the model is exactly the "
+                     "unpatched one; partly covered or soft edges get a proportional strength. Chain two Apply nodes "
+                     "with two caches and two masks for two subjects. An all-zero mask is an error.")
+REFERENCE_MODE_TOOLTIP = ("How a cache with several references (a batch from Encode, or Combine DreamCache) is used. "
+                          "'all references shared': every image attends to the union of all references (weighted by "
+                          "reference_weights). 'one reference per image': image i of the latent batch attends to "
+                          "reference i only (the cache must hold as many references as the batch has images).")
+REFERENCE_WEIGHTS_TOOLTIP = ("Relative weight of each reference in shared mode, comma-separated, one per reference "
+                             "(e.g. '1, 0.5'); empty = the cache's own weights (equal unless set by Combine). Added as "
+                             "log(weight) to the attention logits of that reference's tokens; 0 leaves a reference out.")
+
+
+def optional_control_inputs(with_schedule=True):
+    """Optional inputs shared by Apply DreamCache and the DreamCache Guider."""
+    inputs = {
+        "attn_mask": ("MASK", {"tooltip": ATTN_MASK_TOOLTIP}),
+        "reference_mode": (list(REFERENCE_MODES), {"default": "all references shared", "tooltip": REFERENCE_MODE_TOOLTIP}),
+        "reference_weights": ("STRING", {"default": "", "multiline": False, "tooltip": REFERENCE_WEIGHTS_TOOLTIP}),
+    }
+    if with_schedule:
+        inputs.update({
+            "middle_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
+                                        "tooltip": "Multiplies the strength at the middle (lowest-resolution) memory "
+                                                   "layer: shape and identity."}),
+            "decoder_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
+                                         "tooltip": "Multiplies the strength at the decoder memory layers: "
+                                                    "appearance and detail."}),
+            "layer_weights": ("STRING", {"default": "", "multiline": False,
+                                         "tooltip": "Per-layer multipliers that override middle/decoder_weight, e.g. "
+                                                    "'output_blocks.4.1=0.5, output.10=0' (layer keys, block names "
+                                                    "like output.4, or middle / decoder)."}),
+        })
+    return inputs
+
+
+def build_injection(model, adapter, cache, strength=1.0, start_percent=0.0, end_percent=1.0, chunks=(POSITIVE_CHUNK,),
+                    attn_mask=None, reference_mode="all references shared", reference_weights="",
+                    middle_weight=1.0, decoder_weight=1.0, layer_weights=""):
+    """Check the inputs against ``model`` and build the injection (not attached yet)."""
+    unet = model.get_model_object("diffusion_model")
+    ready_adapter = adapter_for_model(adapter, unet)
+    specs = discover_memory_layers(unet)
+    check_cache_fits(cache, specs, model_signature(unet))
+    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+    if reference_mode not in REFERENCE_MODES:
+        raise ValueError(f"reference_mode must be one of {list(REFERENCE_MODES)}, got {reference_mode!r}.")
+    weights = parse_reference_weights(reference_weights, cache.num_references)
+    strengths = layer_strengths(specs, middle_weight, decoder_weight, layer_weights)
+    return DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, chunks,
+                               layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
+                               attention=comfy_memory_attention, region_mask=attn_mask,
+                               reference_mode=REFERENCE_MODES[reference_mode], reference_weights=weights)
 
 
 def sigma_range(model, start_percent, end_percent):
@@ -37,7 +93,8 @@ class DreamCacheApply:
                                                      "tooltip": "'positive only' injects the reference into the "
                                                                 "positive batch only (the paper's joint guidance); "
                                                                 "'positive and negative' into both."}),
-            }
+            },
+            "optional": optional_control_inputs(),
         }
 
     RETURN_TYPES = ("MODEL",)
@@ -47,17 +104,16 @@ class DreamCacheApply:
     DESCRIPTION = ("Injects the cached reference into the memory layers' self-attention through the trained "
                    "adapters. Sample with the returned MODEL; use the input MODEL for unpersonalised samples.")
 
-    def apply(self, model, adapter, cache, strength, start_percent, end_percent, apply_to):
+    def apply(self, model, adapter, cache, strength, start_percent, end_percent, apply_to, attn_mask=None,
+              reference_mode="all references shared", reference_weights="", middle_weight=1.0, decoder_weight=1.0,
+              layer_weights=""):
         if strength == 0:
             return (model,)
-        unet = model.get_model_object("diffusion_model")
-        ready_adapter = adapter_for_model(adapter, unet)
-        check_cache_fits(cache, discover_memory_layers(unet), model_signature(unet))
-        sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         if apply_to not in APPLY_TO_CHUNKS:
             raise ValueError(f"apply_to must be one of {list(APPLY_TO_CHUNKS)}, got {apply_to!r}.")
-        injection = DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, APPLY_TO_CHUNKS[apply_to],
-                                        attention=comfy_memory_attention)
+        injection = build_injection(model, adapter, cache, strength, start_percent, end_percent,
+                                    APPLY_TO_CHUNKS[apply_to], attn_mask, reference_mode, reference_weights,
+                                    middle_weight, decoder_weight, layer_weights)
         return (attach_injection(model.clone(), injection),)
 
 

@@ -54,3 +54,39 @@ def ksample(model, positive, negative, latent, seed=0, steps=3, cfg=5.0, sampler
     (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative,
                                          {"samples": latent}, denoise=1.0)
     return out["samples"]
+
+
+# SDXL-shaped: no attention at the highest resolution, transformer depth 2, linear proj, adm (pooled + sizes).
+TINY_SDXL = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 2, 2], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 16,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 2, 2, 2],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SDXL_POOLED_DIM = 1280  # CLIP-G pooled output; adm = pooled + 6 size embeddings of 256 = 2816
+
+
+def tiny_sdxl_model(seed: int = 0, dtype=torch.float32, config=None):
+    """A ModelPatcher around a tiny SDXL-shaped U-Net (comfy.supported_models.SDXL, epsilon) on the CPU."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = dict(config or TINY_SDXL)
+    unet_config["dtype"] = dtype
+    model_config = comfy.supported_models.SDXL(unet_config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    initialise_seeded(model.diffusion_model, seed)
+    model.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def sdxl_text_conditioning(seed: int, tokens: int = 8, batch: int = 1, size: int = 1024):
+    """What CLIPTextEncode gives for SDXL: the token context plus pooled_output (and the size fields)."""
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, TINY_SDXL["context_dim"], generator=generator)
+    pooled = torch.randn(batch, SDXL_POOLED_DIM, generator=generator)
+    return [[context, {"pooled_output": pooled, "width": size, "height": size, "target_width": size,
+                       "target_height": size}]]

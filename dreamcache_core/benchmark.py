@@ -1,0 +1,631 @@
+"""What DreamCache costs: per-step overhead, Encode pass, memory and file sizes.
+
+    python -m dreamcache_core.benchmark [--comfyui PATH] [--shape mid] [--full] [--json out.json] [--markdown out.md]
+
+Everything runs through ComfyUI's real sampling code (``CFGGuider`` ->
+``sampling_function`` -> ``calc_cond_batch`` -> ``apply_model``), on U-Nets
+with ComfyUI's own SD1.5 / SDXL architectures and seeded random weights (no
+checkpoint is needed, nothing downloads):
+
+* **Per step.** The same base model, unpatched (A) and personalised (B: a
+  random adapter and a cache of one reference, injected into the positive
+  chunk only, i.e. the paper's joint guidance with the stock KSampler), samples
+  the same latent with classifier-free guidance (a batch of 2 per step:
+  positive and negative). Runs alternate A, B, B, A, ... so that slow machine
+  drift cancels; every model call is timed. The overhead is the median over
+  pairs of adjacent runs of (median step time of B) / (median step time of A).
+* **Encode.** ``comfy_bridge.encode_reference`` (the Encode DreamCache node:
+  one U-Net pass at t = 1 plus the feature capture) against the same one-pass
+  path on the unpatched model without capture (a plain step of a single
+  latent through the same guider), alternating the same way.
+* **Memory.** GPU: ``torch.cuda.max_memory_allocated`` per run. CPU: the peak
+  resident set size above the one before the run, sampled every millisecond
+  by a thread (approximate: the allocator may keep freed pages).
+* **Sizes.** Bytes of the cache per reference (fp16 features as saved), of the
+  adapter (fp32 as saved, and fp16), and of the memory keys/values the
+  injection keeps for the whole run.
+
+Shapes: ``mid`` (default) is the SD1.5 layout at 1/4 width on a 40x40 latent,
+seconds per step on a laptop CPU; ``tiny`` is for tests; ``--full`` adds the
+real SD1.5 at 512x512 and SDXL at 1024x1024 (random weights: made for a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    family: str  # "sd15" or "sdxl"
+    unet: dict
+    latent: int  # latent side; the image side is 8x
+    tokens: int = 77  # text tokens of the conditioning
+    description: str = ""
+
+
+SHAPES = {
+    "tiny": Shape("tiny", "sd15", dict(SD15_UNET, model_channels=32, context_dim=64), 16, 8,
+                  "SD1.5 layout, width 32, 16x16 latent (tests)"),
+    "mid": Shape("mid", "sd15", dict(SD15_UNET, model_channels=80), 40, 77,
+                 "SD1.5 layout (8 heads, text width 768) at width 80 (1/4), 40x40 latent (320 px)"),
+    "sd15-512": Shape("sd15-512", "sd15", dict(SD15_UNET), 64, 77, "SD1.5 U-Net (860M), 512x512"),
+    "sdxl-1024": Shape("sdxl-1024", "sdxl", dict(SDXL_UNET), 128, 77, "SDXL U-Net (2.6B), 1024x1024"),
+}
+FULL_SHAPES = ("sd15-512", "sdxl-1024")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+def median(values):
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def spread(values) -> dict:
+    """min, quartiles and max of ``values``."""
+    if not values:
+        return {"min": float("nan"), "q1": float("nan"), "median": float("nan"), "q3": float("nan"), "max": float("nan")}
+    ordered = sorted(float(v) for v in values)
+    if len(ordered) == 1:
+        q1 = q3 = ordered[0]
+    else:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    return {"min": ordered[0], "q1": q1, "median": float(statistics.median(ordered)), "q3": q3, "max": ordered[-1]}
+
+
+def paired_ratios(a_runs: list, b_runs: list) -> list:
+    """Ratio of B to A for each pair of adjacent runs (each run: a list of step times)."""
+    return [median(b) / median(a) for a, b in zip(a_runs, b_runs)]
+
+
+def ab_order(repeats: int) -> list:
+    """A, B, B, A, A, B, ...: each configuration goes first in half of the pairs (drift cancels)."""
+    order = []
+    for r in range(repeats):
+        order += ["A", "B"] if r % 2 == 0 else ["B", "A"]
+    return order
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory probes
+# ----------------------------------------------------------------------------------------------------------------
+
+class PeakMemory:
+    """Peak memory of a block: GPU bytes allocated (exact) or CPU resident set size above the start (sampled)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.001):
+        self.device = device
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "RSS increase (sampled)"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            return self
+        import psutil
+
+        self._process = psutil.Process()
+        self._start = self._process.memory_info().rss
+        self._peak = self._start
+        self._stop = threading.Event()
+
+        def poll():
+            while not self._stop.is_set():
+                self._peak = max(self._peak, self._process.memory_info().rss)
+                time.sleep(self.interval_s)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            self.start_bytes = int(self._start)
+            return False
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._process.memory_info().rss)
+        self.peak_bytes = int(self._peak - self._start)
+        self.start_bytes = int(self._start)
+        return False
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models (ComfyUI imported lazily)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def initialise_seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """ComfyUI's ops skip initialisation: give every parameter seeded values of a sensible scale.
+
+    Matrices/convolutions get N(0, 1/fan_in), biases N(0, 0.02^2), 1-d scales 1 + N(0, 0.1^2).
+    """
+    generators = {}
+    for name, p in module.named_parameters():
+        device = p.device
+        generator = generators.get(str(device))
+        if generator is None:
+            generator = generators[str(device)] = torch.Generator(device=device).manual_seed(seed)
+        values = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
+        if name.endswith("bias"):
+            values.mul_(0.02)
+        elif p.dim() == 1:
+            values.mul_(0.1).add_(1.0)
+        else:
+            values.div_(math.sqrt(p[0].numel()))
+        p.copy_(values.to(p.dtype))
+        del values
+    return module
+
+
+def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A ModelPatcher around ``shape``'s U-Net with seeded random weights on ``device``."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = dict(shape.unet)
+    unet_config["dtype"] = dtype
+    config_class = comfy.supported_models.SDXL if shape.family == "sdxl" else comfy.supported_models.SD15
+    model_config = config_class(unet_config)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=device)
+    initialise_seeded(model.diffusion_model, seed)
+    model.diffusion_model.to(device=device, dtype=dtype)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def conditioning(shape: Shape, seed: int):
+    """A CONDITIONING of random text embeddings (SDXL: plus the pooled vector and size conditioning)."""
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, shape.tokens, shape.unet["context_dim"], generator=generator)
+    extras = {}
+    if shape.family == "sdxl":
+        side = shape.latent * 8
+        extras = {"pooled_output": torch.randn(1, 1280, generator=generator), "width": side, "height": side,
+                  "target_width": side, "target_height": side}
+    return [[context, extras]]
+
+
+def personalise(model_patcher, adapter, cache, chunks=(0,)):
+    """What Apply DreamCache does: a clone carrying the injection (ComfyUI's optimized memory attention)."""
+    from .adapter import adapter_for_model
+    from .cache import check_cache_fits
+    from .comfy_bridge import comfy_memory_attention
+    from .layers import discover_memory_layers, model_signature
+    from .patch import DreamCacheInjection, attach_injection
+
+    unet = model_patcher.model.diffusion_model
+    ready = adapter_for_model(adapter, unet)
+    check_cache_fits(cache, discover_memory_layers(unet), model_signature(unet))
+    injection = DreamCacheInjection(ready, cache, 1.0, chunks=chunks, attention=comfy_memory_attention)
+    return attach_injection(model_patcher.clone(), injection), injection
+
+
+def make_timed_sampler(device: torch.device, record: list):
+    """A ComfyUI Sampler doing Euler steps, timing every model call (synchronised on GPUs)."""
+    import comfy.samplers
+
+    class TimedEulerSampler(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            model_sampling = model_wrap.inner_model.model_sampling
+            x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+            s_in = x.new_ones([x.shape[0]])
+            for i in range(len(sigmas) - 1):
+                synchronize(device)
+                start = time.perf_counter()
+                denoised = model_wrap(x, sigmas[i] * s_in, **extra_args)
+                synchronize(device)
+                record.append(time.perf_counter() - start)
+                d = (x - denoised) / sigmas[i]
+                x = x + d * (sigmas[i + 1] - sigmas[i])
+            return x
+
+    return TimedEulerSampler()
+
+
+def make_single_pass_sampler():
+    """The Encode pass's sampler shape without capture: noise to sigma(t=1), one model call."""
+    import comfy.samplers
+
+    class SinglePassSampler(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                   disable_pbar=False):
+            sigma = sigmas[0]
+            x = model_wrap.inner_model.model_sampling.noise_scaling(sigma, noise, latent_image)
+            model_wrap(x, sigma.expand(x.shape[0]), **extra_args)
+            return latent_image
+
+    return SinglePassSampler()
+
+
+def sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, device) -> list:
+    """One sampling run through CFGGuider; returns the time of each model call (each step)."""
+    import comfy.sample
+    import comfy.samplers
+
+    record: list = []
+    guider = comfy.samplers.CFGGuider(model_patcher)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.no_grad():
+        guider.sample(noise, latent, make_timed_sampler(device, record), sigmas, disable_pbar=True, seed=seed)
+    return record
+
+
+def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
+    """Wall time of one plain model call on ``latent`` through the Encode pass's own path (no capture)."""
+    import comfy.sample
+    import comfy.samplers
+
+    from .comfy_bridge import encode_sigma
+
+    guider = comfy.samplers.CFGGuider(model_patcher)
+    guider.set_conds(cond, cond)
+    guider.set_cfg(1.0)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    sigmas = torch.tensor([encode_sigma(model_patcher), 0.0])
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        guider.sample(noise, latent, make_single_pass_sampler(), sigmas, disable_pbar=True, seed=seed)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def timed_encode(model_patcher, latent, cond, seed, device, mask=None):
+    from .comfy_bridge import encode_reference
+
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        cache = encode_reference(model_patcher, latent, cond, seed, mask)
+    synchronize(device)
+    return time.perf_counter() - start, cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the benchmark of one shape
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchmarkSettings:
+    steps: int = 6
+    repeats: int = 4
+    warmup: int = 1
+    cfg: float = 7.5
+    seed: int = 0
+    subject_fraction: float = 1.0  # fraction of reference tokens kept as memory (1 = unmasked: the worst case)
+    apply_to: str = "positive"  # "positive" (joint guidance) or "both"
+
+
+def memory_kv_bytes(injection, dtype: torch.dtype) -> int:
+    """Bytes of the memory keys and values the injection keeps for a sampling run (all layers)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for key in injection.adapter.keys():
+        spec = injection.adapter.specs[key]
+        tokens = injection.cache.memory_tokens(key).shape[1]
+        total += 2 * tokens * spec.heads * spec.dim_head * element
+    return total
+
+
+def center_mask(side: int, fraction: float) -> torch.Tensor:
+    """A centred square subject mask covering about ``fraction`` of a side x side latent image (pixels: 8x)."""
+    pixels = side * 8
+    inner = max(8, int(round(pixels * math.sqrt(fraction))))
+    mask = torch.zeros(1, pixels, pixels)
+    start = (pixels - inner) // 2
+    mask[:, start:start + inner, start:start + inner] = 1.0
+    return mask
+
+
+def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, settings: BenchmarkSettings,
+                    log: Callable[[str], None] = print) -> dict:
+    """Run the whole benchmark for one shape; returns a JSON-ready dict."""
+    import comfy.samplers
+
+    from .adapter import build_adapter
+    from .adapter_io import adapter_state_dict
+    from .layers import discover_memory_layers, model_signature
+
+    build_start = time.perf_counter()
+    model = build_model(shape, device, dtype, settings.seed)
+    unet = model.model.diffusion_model
+    specs = discover_memory_layers(unet)
+    adapter = build_adapter(specs, model_signature(unet)).randomize_(seed=settings.seed + 1, scale=0.5)
+    unet_params = sum(p.numel() for p in unet.parameters())
+    log(f"[{shape.name}] built {shape.description}: {unet_params / 1e6:.1f}M U-Net parameters, "
+        f"{adapter.parameter_count() / 1e6:.2f}M adapter parameters ({time.perf_counter() - build_start:.1f} s)")
+
+    generator = torch.Generator().manual_seed(settings.seed + 2)
+    reference = torch.randn(1, 4, shape.latent, shape.latent, generator=generator)
+    latent = torch.zeros(1, 4, shape.latent, shape.latent)
+    positive, negative, empty = conditioning(shape, 10), conditioning(shape, 11), conditioning(shape, 12)
+    mask = None if settings.subject_fraction >= 1.0 else center_mask(shape.latent, settings.subject_fraction)
+
+    # --- Encode vs one plain pass, alternating ---------------------------------------------------------------
+    encode_times, plain_times = [], []
+    cache = None
+    for _ in range(settings.warmup):
+        plain_single_pass(model, reference, empty, settings.seed, device)
+        _, cache = timed_encode(model, reference, empty, settings.seed, device, mask)
+    for label in ab_order(settings.repeats):
+        if label == "A":
+            plain_times.append(plain_single_pass(model, reference, empty, settings.seed, device))
+        else:
+            seconds, cache = timed_encode(model, reference, empty, settings.seed, device, mask)
+            encode_times.append(seconds)
+    encode_ratios = [e / p for e, p in zip(encode_times, plain_times)]
+    log(f"[{shape.name}] encode {median(encode_times):.3f} s vs plain pass {median(plain_times):.3f} s")
+
+    # --- per step: unpatched (A) vs personalised (B), alternating ---------------------------------------------
+    chunks = (0,) if settings.apply_to == "positive" else None
+    personalised, injection = personalise(model, adapter, cache, chunks)
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", settings.steps).cpu()
+    runs = {"A": [], "B": []}
+    peaks = {"A": [], "B": []}
+    models = {"A": model, "B": personalised}
+    for label in ("A", "B") * settings.warmup:
+        sample_timed(models[label], positive, negative, latent, sigmas, settings.cfg, settings.seed, device)
+    for label in ab_order(settings.repeats):
+        gc.collect()
+        with PeakMemory(device) as probe:
+            steps = sample_timed(models[label], positive, negative, latent, sigmas, settings.cfg, settings.seed, device)
+        runs[label].append(steps)
+        peaks[label].append(probe.peak_bytes)
+    step_ratios = paired_ratios(runs["A"], runs["B"])
+    all_a = [t for run in runs["A"] for t in run]
+    all_b = [t for run in runs["B"] for t in run]
+    log(f"[{shape.name}] step {median(all_a) * 1000:.1f} ms unpatched, {median(all_b) * 1000:.1f} ms personalised, "
+        f"overhead {100 * (median(step_ratios) - 1):+.1f} %")
+
+    adapter_params = adapter.parameter_count()
+    adapter_file_bytes = sum(t.numel() * t.element_size() for t in adapter_state_dict(adapter).values())
+    result = {
+        "shape": shape.name,
+        "description": shape.description,
+        "family": shape.family,
+        "image_size": shape.latent * 8,
+        "latent": [4, shape.latent, shape.latent],
+        "model_channels": shape.unet["model_channels"],
+        "unet_parameters": unet_params,
+        "memory_layers": [spec.to_json() for spec in specs],
+        "memory_tokens": int(sum(cache.memory_tokens(k).shape[1] for k in cache.keys)),
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "settings": dict(settings.__dict__),
+        "step_seconds": {"unpatched": spread(all_a), "personalised": spread(all_b)},
+        "step_ratio": spread(step_ratios),
+        "step_overhead_percent": 100.0 * (median(step_ratios) - 1.0),
+        "step_runs": {"unpatched": runs["A"], "personalised": runs["B"]},
+        "encode_seconds": spread(encode_times),
+        "plain_pass_seconds": spread(plain_times),
+        "encode_ratio": spread(encode_ratios),
+        "encode_vs_cfg_step": median(encode_times) / median(all_a),
+        "peak_memory_kind": PeakMemory(device).kind,
+        "peak_memory_bytes": {"unpatched": spread(peaks["A"]), "personalised": spread(peaks["B"])},
+        "cache_bytes_per_reference": cache.nbytes() // max(cache.num_references, 1),
+        "memory_kv_bytes": memory_kv_bytes(injection, dtype),
+        "adapter_parameters": adapter_params,
+        "adapter_bytes_fp32": adapter_file_bytes,
+        "adapter_bytes_fp16": adapter_params * 2,
+    }
+    injection.release_device_copies()
+    del personalised, model, injection
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reports
+# ----------------------------------------------------------------------------------------------------------------
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.1f} KiB"
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def markdown_table(results: list, environment: dict, command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {environment['device_name']}, torch {environment['torch']}, {environment['threads']} threads, "
+        f"{environment['attention']}.",
+        "",
+        "| shape | unpatched step | personalised step | per-step overhead (median [min, max] of paired runs) "
+        "| Encode | plain pass | Encode / plain pass | peak memory unpatched / personalised | cache per reference "
+        "| memory K/V | adapter (fp32 file / fp16) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = r["step_ratio"]
+        enc = r["encode_ratio"]
+        lines.append(
+            f"| {r['shape']} ({r['image_size']}px, {r['dtype']}) "
+            f"| {_ms(r['step_seconds']['unpatched']['median'])} "
+            f"| {_ms(r['step_seconds']['personalised']['median'])} "
+            f"| {100 * (ratio['median'] - 1):+.1f} % [{100 * (ratio['min'] - 1):+.1f}, {100 * (ratio['max'] - 1):+.1f}] "
+            f"| {_ms(r['encode_seconds']['median'])} | {_ms(r['plain_pass_seconds']['median'])} "
+            f"| {enc['median']:.2f}x [{enc['min']:.2f}, {enc['max']:.2f}] "
+            f"| {_mib(r['peak_memory_bytes']['unpatched']['median'])} / "
+            f"{_mib(r['peak_memory_bytes']['personalised']['median'])} "
+            f"| {_mib(r['cache_bytes_per_reference'])} | {_mib(r['memory_kv_bytes'])} "
+            f"| {_mib(r['adapter_bytes_fp32'])} / {_mib(r['adapter_bytes_fp16'])} |"
+        )
+    s = results[0]["settings"] if results else {}
+    lines += [
+        "",
+        f"Per step: median time of one model call (classifier-free guidance, batch of 2: positive + negative) over "
+        f"{s.get('repeats')} runs of {s.get('steps')} Euler steps per model, runs alternating A/B; the overhead is the "
+        f"median over adjacent run pairs of personalised / unpatched. The reference is injected into the "
+        f"{'positive chunk only (joint guidance)' if s.get('apply_to') == 'positive' else 'positive and negative chunks'}, "
+        f"memory = {'all' if s.get('subject_fraction', 1) >= 1 else 'about {:.0%} of the'.format(s.get('subject_fraction'))} "
+        "reference tokens. Encode = the Encode DreamCache pass (one U-Net call at t = 1 with feature capture) against "
+        "the same one-call path on the unpatched model; both single-latent. Peak memory: "
+        f"{results[0]['peak_memory_kind'] if results else ''} during a sampling run.",
+    ]
+    return "\n".join(lines)
+
+
+def environment_info(device: torch.device) -> dict:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["device_name"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    try:
+        import comfy.ldm.modules.attention as attention
+
+        info["attention"] = f"ComfyUI attention {attention.optimized_attention.__name__}"
+    except Exception:  # ComfyUI not imported: reported as unknown
+        info["attention"] = "attention unknown"
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m dreamcache_core.benchmark",
+        description="Time DreamCache against the unpatched model through ComfyUI's sampling code (random weights).")
+    parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or the custom_nodes parent)")
+    parser.add_argument("--shape", action="append", choices=sorted(SHAPES),
+                        help="shape(s) to run (repeatable); default: mid")
+    parser.add_argument("--full", action="store_true",
+                        help="also the real SD1.5 (512x512) and SDXL (1024x1024) U-Nets (random weights; for a GPU)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto: the GPU when there is one")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="auto: float16 on a GPU, float32 on the CPU")
+    parser.add_argument("--steps", type=int, default=6, help="Euler steps per sampling run (default 6)")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="A/B pairs of runs (default 4); order alternates A,B,B,A,...")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (default 1)")
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--subject-fraction", type=float, default=1.0,
+                        help="fraction of reference tokens kept in the memory (1 = unmasked reference, the worst "
+                             "case; ~0.4 is typical of a masked DreamBench subject)")
+    parser.add_argument("--apply-to", default="positive", choices=["positive", "both"],
+                        help="positive: joint guidance (default); both: positive and negative chunks")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", help="write the results as JSON here")
+    parser.add_argument("--markdown", help="write the markdown table here")
+    args = parser.parse_args(argv)
+    for name in ("steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if not 0.0 < args.subject_fraction <= 1.0:
+        parser.error("--subject-fraction must lie in (0, 1]")
+    return args
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU. Use --device cpu.")
+    return torch.device(choice)
+
+
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, choice)
+
+
+def command_line(argv) -> str:
+    return "python -m dreamcache_core.benchmark" + ("" if not argv else " " + " ".join(argv))
+
+
+def main(argv=None) -> list:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    from .comfy_bridge import ensure_comfyui
+
+    ensure_comfyui(args.comfyui, cpu=device.type == "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, device)
+    shapes = list(args.shape or ["mid"])
+    if args.full:
+        shapes += [s for s in FULL_SHAPES if s not in shapes]
+    settings = BenchmarkSettings(steps=args.steps, repeats=args.repeats, warmup=args.warmup, cfg=args.cfg,
+                                 seed=args.seed, subject_fraction=args.subject_fraction, apply_to=args.apply_to)
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    results = [benchmark_shape(SHAPES[name], device, dtype, settings, log) for name in shapes]
+    environment = environment_info(device)
+    table = markdown_table(results, environment, command_line(argv))
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(table + "\n")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"command": command_line(argv), "environment": environment, "results": results}, handle,
+                      indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Artist controls of the injection, in plain torch: per-layer weights and region masks.
+
+Per-layer weights (a schedule over the memory layers) multiply the global
+strength: ``middle`` scales the middle transformer, ``decoder`` every decoder
+memory layer, and single layers can be set by their key
+(``output_blocks.4.1``) or ComfyUI block name (``output.4``, ``middle``).
+
+A region mask is a MASK over the generated image (1 = personalise). Each memory
+layer sees it resized to its own token grid by area averaging, so a token's
+weight is the fraction of it the mask covers: tokens the mask does not touch
+keep the unpatched output bit for bit, fully covered ones get the full
+strength, tokens on a soft or partial edge a proportional share.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .layers import MemoryLayerSpec
+
+REFERENCE_MODES = ("shared", "per_image")
+
+
+def _layer_names(spec: MemoryLayerSpec) -> set[str]:
+    names = {spec.key.lower(), f"{spec.block[0]}.{spec.block[1]}", f"{spec.block[0]}_{spec.block[1]}"}
+    if spec.block[0] == "middle":
+        names.add("middle")
+    return names
+
+
+def parse_layer_weights(text: str, specs: Iterable[MemoryLayerSpec]) -> dict[str, float]:
+    """``"output_blocks.4.1=0.5, output.10=0"`` -> {layer key: weight}; an empty string gives {}.
+
+    Keys are layer keys, ComfyUI block names (``output.4``, ``middle``) or the groups ``middle`` and
+    ``decoder``; separate entries with commas, semicolons or new lines.
+    """
+    specs = list(specs)
+    out: dict[str, float] = {}
+    text = (text or "").strip()
+    if not text:
+        return out
+    valid = ", ".join(["middle", "decoder"] + [s.key for s in specs])
+    for entry in text.replace(";", ",").replace("\n", ",").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        if "=" not in entry and ":" not in entry:
+            raise ValueError(f"Layer weight '{entry}' has no '=': write key=weight, e.g. 'output_blocks.4.1=0.5'. "
+                             f"Keys: {valid}.")
+        name, _, value = entry.replace(":", "=").partition("=")
+        name = name.strip().lower()
+        try:
+            weight = float(value)
+        except ValueError as error:
+            raise ValueError(f"Layer weight '{entry}': '{value.strip()}' is not a number.") from error
+        if not math.isfinite(weight):
+            raise ValueError(f"Layer weight '{entry}' is not finite.")
+        if name == "decoder":
+            matched = [s.key for s in specs if s.block[0] == "output"]
+        else:
+            matched = [s.key for s in specs if name in _layer_names(s)]
+        if not matched:
+            raise ValueError(f"Layer weight '{entry}': '{name}' is not a memory layer of this model. Keys: {valid}.")
+        for key in matched:
+            out[key] = weight
+    return out
+
+
+def layer_strengths(specs: Iterable[MemoryLayerSpec], middle_weight: float = 1.0, decoder_weight: float = 1.0,
+                    overrides: str = "") -> dict[str, float]:
+    """Per-layer multipliers of the global strength: middle / decoder groups, then per-key overrides."""
+    specs = list(specs)
+    out = {s.key: float(middle_weight if s.block[0] == "middle" else decoder_weight) for s in specs}
+    out.update(parse_layer_weights(overrides, specs))
+    return out
+
+
+def prepare_region_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A MASK ([H, W] or [M, H, W], 1 = personalise) as float [M, H, W] in 0..1 on the CPU; None stays None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"The attention mask must be a MASK tensor, got {type(mask).__name__}.")
+    if mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() != 3:
+        raise ValueError(f"The attention mask has shape {tuple(mask.shape)}; a MASK is [H, W] or [batch, H, W].")
+    mask = mask.detach().to("cpu", torch.float32).clamp(0, 1)
+    if not bool(torch.isfinite(mask).all()):
+        raise ValueError("The attention mask holds NaN values.")
+    for i in range(mask.shape[0]):
+        if float(mask[i].max()) <= 0:
+            raise ValueError(
+                f"The attention mask{'' if mask.shape[0] == 1 else f' {i}'} is empty (all zeros), so DreamCache "
+                "would change nothing there. Paint the region the subject should appear in, or disconnect attn_mask.")
+    return mask.contiguous()
+
+
+def region_token_weights(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[M, H, W] mask -> [M, height*width] token weights: the fraction of each token the mask covers."""
+    if tuple(mask.shape[1:]) == (height, width):
+        resized = mask
+    else:
+        resized = F.adaptive_avg_pool2d(mask[:, None], (height, width))[:, 0]
+    return resized.flatten(1).clamp(0, 1)
+
+
+def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
+    """(h, w) of the token grid of the current transformer call."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None and len(shape) == 4 and int(shape[2]) * int(shape[3]) == tokens:
+        return int(shape[2]), int(shape[3])
+    original = extra_options.get("original_shape")
+    if original is not None and len(original) >= 4:
+        height, width = int(original[-2]), int(original[-1])
+        for factor in (1, 2, 4, 8, 16, 32, 64):
+            h, w = math.ceil(height / factor), math.ceil(width / factor)
+            if h * w == tokens:
+                return h, w
+    side = int(round(math.sqrt(tokens)))
+    if side * side == tokens:
+        return side, side
+    raise ValueError(f"Cannot tell the token grid of a {tokens}-token layer, so the attention mask cannot be "
+                     "resized to it.")

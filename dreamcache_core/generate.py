@@ -1,0 +1,677 @@
+"""Headless DreamCache generation through ComfyUI, in-process.
+
+    python -m dreamcache_core.generate --checkpoint sd15.safetensors --adapter dreamcache_sd15.safetensors \\
+        --reference dog.jpg --sam sam_vit_b_01ec64.pth --prompt "a dog on the beach" --images-per-prompt 4 --out out/
+
+    python -m dreamcache_core.generate --checkpoint sd15.safetensors --adapter dreamcache_sd15.safetensors \\
+        --dreambench /path/to/dreambooth/dataset --sam sam_vit_b_01ec64.pth --images-per-prompt 4 --out dreambench_out/
+
+The same code a ComfyUI workflow runs: ``comfy.sd.load_checkpoint_guess_config``
+(Load Checkpoint), CLIP Text Encode, VAE Encode / Decode, Encode DreamCache
+(``comfy_bridge.encode_reference``), the Apply DreamCache injection, and the
+stock KSampler path (``comfy.sample.sample``, what ``common_ksampler`` calls)
+for joint guidance, or the DreamCache Guider (``comfy_bridge.combined_guider``)
+for combined guidance.
+
+Reference: an image (cut out onto a white square like the Mask Reference node,
+with a mask file, the image's transparency or SAM; the mask also drops
+background tokens from the memory, as Encode's mask input does), or a saved
+cache (``--cache``).
+
+Output: the images as PNG and ``settings.json`` holding every setting (the
+resolved prompts, seeds, file hashes, versions) and one record per image.
+``--replay out/settings.json --out again/`` regenerates the same images.
+
+Noise: image n of a prompt uses ``prepare_noise(latent, seed_n)`` for a single
+latent (as a KSampler with batch size 1 and that seed), so the batch size does
+not change an image's starting noise. Ancestral/SDE samplers also draw noise
+while sampling, for the whole batch from the batch's first seed: with them an
+image depends on its batch too (recorded as ``batch_seeds``).
+
+DreamBench (``--dreambench DATASET``, the google/dreambooth ``dataset``
+folder): 30 subjects, the 25 prompts of the subject's kind (objects or live
+subjects, shipped in ``dreamcache_core/data``), N images per prompt, one
+reference per subject (``--reference-index``, default the first image in name
+order), masked as the paper did (subject on white, background tokens dropped).
+Prompts use the class noun without a unique token ("a dog in the jungle").
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+SETTINGS_FILE = "settings.json"
+SETTINGS_FORMAT = "dreamcache-generate"
+SETTINGS_VERSION = 1
+GUIDANCE_MODES = ("joint", "combined", "off")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# settings that describe where files go or how the run is logged, not what is generated
+NON_GENERATIVE = {"out", "replay", "skip_existing", "comfyui", "cpu", "quiet"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# images and files (plain torch + PIL)
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_image(path: str) -> torch.Tensor:
+    """An image file as ComfyUI's IMAGE [1, H, W, C] float 0..1 (C = 4 when the file has transparency)."""
+    from PIL import Image, ImageOps
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Image not found: {path}")
+    with Image.open(path) as handle:
+        image = ImageOps.exif_transpose(handle)
+        has_alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).unsqueeze(0)
+
+
+def load_mask(path: str) -> torch.Tensor:
+    """A mask image as MASK [1, H, W] float 0..1, white = subject (the alpha channel if it has one, else luminance)."""
+    from PIL import Image
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Mask not found: {path}")
+    with Image.open(path) as handle:
+        if handle.mode in ("RGBA", "LA"):
+            plane = handle.getchannel("A")
+        else:
+            plane = handle.convert("L")
+        array = np.asarray(plane, dtype=np.float32) / 255.0
+    return torch.from_numpy(array.copy()).unsqueeze(0)
+
+
+def image_to_pil(image: torch.Tensor):
+    """[H, W, 3] float 0..1 -> PIL image, with ComfyUI's SaveImage conversion (clip, truncate to uint8)."""
+    from PIL import Image
+    import numpy as np
+
+    array = np.clip(255.0 * image.detach().float().cpu().numpy(), 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        return Image.fromarray(array, mode="L")
+    return Image.fromarray(array)
+
+
+def save_png(image: torch.Tensor, path: str, text: Optional[dict] = None) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    image_to_pil(image).save(path, pnginfo=info, compress_level=4)
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_file(path: Optional[str]) -> Optional[dict]:
+    if not path:
+        return None
+    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def list_images(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the ComfyUI pipeline (checkpoint -> text / image encoders, sampler)
+# ----------------------------------------------------------------------------------------------------------------
+
+def comfy_nodes_module():
+    """ComfyUI's own ``nodes`` module (never this pack's ``nodes`` package)."""
+    import importlib
+
+    module = importlib.import_module("nodes")
+    if not hasattr(module, "common_ksampler"):
+        raise RuntimeError(f"'import nodes' found {getattr(module, '__file__', module)}, not ComfyUI's nodes.py. "
+                           "Run from a folder that is not the pack's root, or pass --comfyui.")
+    return module
+
+
+class Pipeline:
+    """The model and the ComfyUI operations generation needs. Tests substitute the encoders."""
+
+    def __init__(self, model, clip=None, vae=None):
+        self.model = model
+        self.clip = clip
+        self.vae = vae
+
+    def encode_text(self, text: str):
+        """CONDITIONING of ``text`` (CLIP Text Encode)."""
+        (conditioning,) = comfy_nodes_module().CLIPTextEncode().encode(self.clip, text)
+        return conditioning
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Latent of IMAGE [B, H, W, 3] (VAE Encode)."""
+        (latent,) = comfy_nodes_module().VAEEncode().encode(self.vae, image[..., :3])
+        return latent["samples"]
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """IMAGE [B, H, W, 3] of latents (VAE Decode)."""
+        (images,) = comfy_nodes_module().VAEDecode().decode(self.vae, {"samples": samples})
+        return images
+
+
+def load_pipeline(checkpoint: str) -> Pipeline:
+    """Load Checkpoint: MODEL, CLIP and VAE from one checkpoint file."""
+    import comfy.sd
+    import folder_paths
+
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"Checkpoint not found: {checkpoint}")
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        checkpoint, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    if clip is None or vae is None:
+        raise ValueError(f"{os.path.basename(checkpoint)} holds no text encoder or no VAE; use a full checkpoint "
+                         "(SD1.5, SD2.x or SDXL) such as the ones Load Checkpoint reads.")
+    return Pipeline(model, clip, vae)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------------------------------------------
+
+class SamSegmenter:
+    """SAM loaded once, used to find the subject of references (and of images in evaluate)."""
+
+    def __init__(self, checkpoint: str, device: Optional[str] = None):
+        from .sam_segmenter import build_sam_from_state_dict, load_sam_checkpoint
+
+        self.checkpoint = checkpoint
+        self.sam = build_sam_from_state_dict(load_sam_checkpoint(checkpoint))
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.sam.to(self.device).eval()
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """Subject mask [H, W] of one image [H, W, C]."""
+        from .sam_segmenter import segment_subject
+
+        return segment_subject(self.sam, image)
+
+
+@dataclass
+class Reference:
+    """A prepared reference: the image given to Encode (subject on white) and its mask (None: unmasked)."""
+
+    image: torch.Tensor  # [1, S, S, 3]
+    mask: Optional[torch.Tensor]  # [1, S, S] or None
+    mask_source: str  # "mask file", "transparency", "sam", "none"
+    source: Optional[str] = None
+
+
+def prepare_reference(image: torch.Tensor, size: int, mask: Optional[torch.Tensor] = None,
+                      segmenter: Optional[Callable] = None, allow_unmasked: bool = True,
+                      margin: Optional[float] = None, source: Optional[str] = None) -> Reference:
+    """What Mask Reference does: the subject (mask > transparency > SAM) centred on a white size x size square.
+
+    Without any of them the reference is only resized to a square (unmasked), or refused when
+    ``allow_unmasked`` is False.
+    """
+    from .reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
+
+    margin = DEFAULT_MARGIN if margin is None else margin
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    alpha = image_alpha(image)
+    if mask is not None:
+        subject, how = as_mask_batch(mask), "mask file"
+    elif alpha is not None:
+        subject, how = alpha, "transparency"
+    elif segmenter is not None:
+        subject, how = torch.stack([segmenter(image_to_rgb(i)) for i in image]), "sam"
+    else:
+        if not allow_unmasked:
+            raise ValueError("The reference must be masked (the paper caches the subject on white): give --sam "
+                             "with a SAM checkpoint, a mask (--reference-mask / --reference-masks), or an image with "
+                             "transparency; or pass --unmasked-references to use the whole image.")
+        rgb = image_to_rgb(image).permute(0, 3, 1, 2)
+        side = min(rgb.shape[-2:])
+        top, left = (rgb.shape[-2] - side) // 2, (rgb.shape[-1] - side) // 2
+        square = rgb[..., top:top + side, left:left + side]
+        resized = torch.nn.functional.interpolate(square, size=(size, size), mode="bilinear", antialias=True,
+                                                  align_corners=False).clamp(0, 1)
+        return Reference(resized.permute(0, 2, 3, 1).contiguous(), None, "none", source)
+    cut, cut_mask = cut_subjects_on_white(image, subject, size, margin)
+    return Reference(cut, cut_mask, how, source)
+
+
+def encode_cache(pipeline: Pipeline, reference: Reference, encode_conditioning, seed: int, token_mask: bool = True):
+    """Encode DreamCache on the prepared reference (the mask, when there is one, drops background tokens)."""
+    from .comfy_bridge import encode_reference
+
+    latent = pipeline.encode_image(reference.image)
+    mask = reference.mask if (token_mask and reference.mask is not None) else None
+    return encode_reference(pipeline.model, latent, encode_conditioning, seed, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+def sigma_range(model, start_percent: float, end_percent: float):
+    """(sigma_start, sigma_end) of the active window, as Apply DreamCache computes it."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}); both lie in 0..1.")
+    model_sampling = model.get_model_object("model_sampling")
+    sigma_start = float("inf") if start_percent <= 0.0 else float(model_sampling.percent_to_sigma(start_percent))
+    sigma_end = 0.0 if end_percent >= 1.0 else float(model_sampling.percent_to_sigma(end_percent))
+    return sigma_start, sigma_end
+
+
+def build_injection(model, adapter, cache, strength: float, start_percent: float, end_percent: float, chunks,
+                    reuse_memory_kv: bool = True):
+    """The Apply DreamCache injection: adapter checked (and folded) against the model, cache checked."""
+    from .adapter import adapter_for_model
+    from .cache import check_cache_fits
+    from .comfy_bridge import comfy_memory_attention
+    from .layers import discover_memory_layers, model_signature
+    from .patch import DreamCacheInjection
+
+    unet = model.get_model_object("diffusion_model")
+    ready = adapter_for_model(adapter, unet)
+    check_cache_fits(cache, discover_memory_layers(unet), model_signature(unet))
+    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+    return DreamCacheInjection(ready, cache, strength, sigma_start, sigma_end, chunks,
+                               reuse_memory_kv=reuse_memory_kv, attention=comfy_memory_attention)
+
+
+def combined_guidance_available() -> bool:
+    from . import comfy_bridge
+
+    return hasattr(comfy_bridge, "combined_guider")
+
+
+class Sampler:
+    """Samples latents for one (adapter, cache) pair with the chosen guidance; reused across prompts."""
+
+    def __init__(self, model, adapter, cache, settings: dict):
+        self.model = model
+        self.settings = settings
+        guidance = settings["guidance"]
+        self.injection = None
+        if guidance == "off" or cache is None or settings["strength"] == 0:
+            self.sampling_model = model
+        elif guidance == "joint":
+            from .patch import POSITIVE_CHUNK, attach_injection
+
+            self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
+                                             settings["end_percent"], (POSITIVE_CHUNK,))
+            self.sampling_model = attach_injection(model.clone(), self.injection)
+        elif guidance == "combined":
+            if not combined_guidance_available():
+                raise ValueError("Combined guidance needs comfy_bridge.combined_guider (the DreamCache Guider), which "
+                                 "this installation lacks. Use --guidance joint.")
+            from .guidance import REFERENCE_CHUNKS
+
+            self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
+                                             settings["end_percent"], REFERENCE_CHUNKS)
+            self.sampling_model = model
+        else:
+            raise ValueError(f"--guidance must be one of {GUIDANCE_MODES}, got {guidance!r}.")
+
+    def sample(self, positive, negative, seeds: list[int], latent_shape) -> torch.Tensor:
+        import comfy.sample
+        import comfy.samplers
+
+        s = self.settings
+        latent = torch.zeros((len(seeds),) + tuple(latent_shape))
+        latent = comfy.sample.fix_empty_latent_channels(self.model, latent)
+        noise = torch.cat([comfy.sample.prepare_noise(latent[:1], seed) for seed in seeds])
+        if s["guidance"] == "combined" and self.injection is not None:
+            from .comfy_bridge import combined_guider
+            import comfy.model_management
+
+            guider = combined_guider(self.model, self.injection, positive, negative, s["text_cfg"], s["image_cfg"])
+            ksampler = comfy.samplers.KSampler(self.model, steps=s["steps"], device=self.model.load_device,
+                                               sampler=s["sampler"], scheduler=s["scheduler"], denoise=1.0,
+                                               model_options=self.model.model_options)
+            samples = guider.sample(noise, latent, comfy.samplers.sampler_object(s["sampler"]), ksampler.sigmas,
+                                    disable_pbar=True, seed=seeds[0])
+            return samples.to(comfy.model_management.intermediate_device())
+        cfg = s["text_cfg"] if s["guidance"] == "combined" else s["cfg"]
+        return comfy.sample.sample(self.sampling_model, noise, s["steps"], cfg, s["sampler"], s["scheduler"],
+                                   positive, negative, latent, denoise=1.0, disable_pbar=True, seed=seeds[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# jobs: what to generate
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One reference (image or cache) and its prompts."""
+
+    name: str  # subfolder ("" = the output folder itself)
+    prompts: list  # [(prompt_index, prompt)]
+    reference_image: Optional[str] = None
+    reference_mask: Optional[str] = None
+    cache: Optional[str] = None
+    subject: Optional[str] = None
+    class_name: Optional[str] = None
+    kind: Optional[str] = None
+    real_images: list = field(default_factory=list)
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with # are skipped."""
+    with open(path, encoding="utf-8") as handle:
+        prompts = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (one per line; lines starting with # are comments).")
+    return prompts
+
+
+def dreambench_jobs(settings: dict) -> list[Job]:
+    from .data import dreambench_prompts, dreambench_subject, dreambench_subjects
+
+    dataset = settings["dreambench"]
+    if not os.path.isdir(dataset):
+        raise ValueError(f"--dreambench {dataset} is not a folder. Point it at the 'dataset' folder of a copy of "
+                         "github.com/google/dreambooth (one subfolder of images per subject).")
+    names = settings["subjects"] or [s.name for s in dreambench_subjects()]
+    jobs = []
+    for name in names:
+        subject = dreambench_subject(name)
+        folder = os.path.join(dataset, subject.name)
+        if not os.path.isdir(folder):
+            raise ValueError(f"DreamBench subject folder {folder} is missing: --dreambench must be the dreambooth "
+                             "'dataset' folder holding all 30 subject folders (or select some with --subjects).")
+        images = list_images(folder)
+        index = settings["reference_index"]
+        if not images or index >= len(images):
+            raise ValueError(f"{folder} has {len(images)} images; --reference-index {index} is out of range.")
+        prompts = dreambench_prompts(subject, settings["unique_token"])
+        if settings["max_prompts"]:
+            prompts = prompts[:settings["max_prompts"]]
+        mask = None
+        if settings["reference_masks"]:
+            mask = os.path.join(settings["reference_masks"], f"{subject.name}.png")
+            if not os.path.isfile(mask):
+                raise ValueError(f"--reference-masks has no {subject.name}.png (white = subject) for {images[index]}.")
+        jobs.append(Job(subject.name, list(enumerate(prompts)), reference_image=images[index], reference_mask=mask,
+                        subject=subject.name, class_name=subject.class_name, kind=subject.kind, real_images=images))
+    return jobs
+
+
+def plain_job(settings: dict) -> Job:
+    prompts = list(settings["prompt"] or [])
+    if settings["prompts_file"]:
+        prompts += read_prompts_file(settings["prompts_file"])
+    if not prompts:
+        raise ValueError("Give at least one prompt: --prompt TEXT (repeatable) or --prompts-file FILE.")
+    if settings["guidance"] != "off" and not (settings["reference"] or settings["cache"]):
+        raise ValueError("Give the subject: --reference IMAGE (with --reference-mask or --sam to cut it out) or "
+                         "--cache FILE (saved by Save DreamCache); or --guidance off for the unpersonalised model.")
+    if settings["reference"] and settings["cache"]:
+        raise ValueError("Give either --reference or --cache, not both.")
+    return Job("", list(enumerate(prompts)), reference_image=settings["reference"],
+               reference_mask=settings["reference_mask"], cache=settings["cache"], subject=settings["subject_name"],
+               class_name=settings["class_name"])
+
+
+def resolve_seeds(settings: dict) -> list[int]:
+    if settings["seeds"]:
+        return [int(s) for s in settings["seeds"]]
+    return [settings["seed"] + n for n in range(settings["images_per_prompt"])]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------------------------
+
+def environment_info() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import comfy.model_management
+        import comfyui_version
+
+        info["comfyui"] = comfyui_version.__version__
+        info["device"] = str(comfy.model_management.get_torch_device())
+    except Exception:  # ComfyUI without comfyui_version.py: its version stays unknown
+        info.setdefault("comfyui", "unknown")
+    return info
+
+
+def image_file_name(job: Job, prompt_index: int, image_index: int) -> str:
+    width = 2 if job.name else 3  # DreamBench folders: 25 prompts
+    name = f"{prompt_index:0{width}d}_{image_index:02d}.png"
+    return os.path.join(job.name, name) if job.name else name
+
+
+def run(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], None] = print,
+        adapter=None) -> dict:
+    """Generate every image of ``settings`` into ``out_dir``; write and return the settings record."""
+    from .adapter_io import load_adapter
+    from .cache import load_cache, save_cache
+
+    os.makedirs(out_dir, exist_ok=True)
+    unet = pipeline.model.get_model_object("diffusion_model")
+    if adapter is None and settings["guidance"] != "off":
+        if not settings["adapter"]:
+            raise ValueError("Give the adapter: --adapter FILE (.safetensors, or the authors' .pt).")
+        adapter = load_adapter(settings["adapter"], base_model=unet)
+    jobs = dreambench_jobs(settings) if settings["dreambench"] else [plain_job(settings)]
+    seeds = resolve_seeds(settings)
+    batch = max(1, int(settings["batch"]))
+    latent_shape = (4, settings["height"] // 8, settings["width"] // 8)
+    segmenter = SamSegmenter(settings["sam"]) if settings["sam"] else None
+    negative = pipeline.encode_text(settings["negative"])
+    encode_conditioning = pipeline.encode_text(settings["encode_prompt"])
+
+    record = {
+        "format": SETTINGS_FORMAT,
+        "version": SETTINGS_VERSION,
+        "command": "python -m dreamcache_core.generate " + " ".join(settings.get("_argv", [])),
+        "settings": {k: v for k, v in settings.items() if not k.startswith("_")},
+        "seeds": seeds,
+        "files": {"checkpoint": settings.get("_checkpoint_info"), "adapter": describe_file(settings["adapter"]),
+                  "sam": describe_file(settings["sam"])},
+        "environment": environment_info(),
+        "references": [],
+        "images": [],
+    }
+    started = time.perf_counter()
+    for job in jobs:
+        job_dir = os.path.join(out_dir, job.name) if job.name else out_dir
+        os.makedirs(job_dir, exist_ok=True)
+        reference_record = {"subject": job.subject, "class": job.class_name, "kind": job.kind,
+                            "real_images": [os.path.abspath(p) for p in job.real_images]}
+        cache = None
+        if settings["guidance"] != "off":
+            if job.cache:
+                cache = load_cache(job.cache)
+                reference_record.update(cache=describe_file(job.cache), reference_image=None)
+            else:
+                mask = load_mask(job.reference_mask) if job.reference_mask else None
+                reference = prepare_reference(load_image(job.reference_image), settings["reference_size"], mask,
+                                              segmenter, allow_unmasked=not settings["dreambench"]
+                                              or settings["unmasked_references"], source=job.reference_image)
+                if reference.mask_source == "none":
+                    log(f"warning: {job.reference_image} is used unmasked (no mask, transparency or SAM): its "
+                        "background goes into the memory as well")
+                encode_start = time.perf_counter()
+                cache = encode_cache(pipeline, reference, encode_conditioning, settings["encode_seed"],
+                                     settings["token_mask"])
+                encode_seconds = time.perf_counter() - encode_start
+                prefix = os.path.join(job.name, "reference") if job.name else "reference"
+                save_png(reference.image[0], os.path.join(out_dir, prefix + ".png"))
+                if reference.mask is not None:
+                    save_png(reference.mask[0], os.path.join(out_dir, prefix + "_mask.png"))
+                save_cache(cache, os.path.join(out_dir, prefix + "_cache.safetensors"))
+                reference_record.update(
+                    reference_image=describe_file(job.reference_image),
+                    reference_mask_file=describe_file(job.reference_mask), mask_source=reference.mask_source,
+                    prepared_reference=prefix + ".png",
+                    prepared_mask=prefix + "_mask.png" if reference.mask is not None else None,
+                    cache_file=prefix + "_cache.safetensors", encode_seconds=encode_seconds)
+        record["references"].append(reference_record)
+        sampler = Sampler(pipeline.model, adapter, cache, settings)
+        for prompt_index, prompt in job.prompts:
+            positive = pipeline.encode_text(prompt)
+            for start in range(0, len(seeds), batch):
+                chunk = list(range(start, min(start + batch, len(seeds))))
+                files = [image_file_name(job, prompt_index, n) for n in chunk]
+                if settings["skip_existing"] and all(os.path.isfile(os.path.join(out_dir, f)) for f in files):
+                    seconds = None
+                else:
+                    batch_start = time.perf_counter()
+                    samples = sampler.sample(positive, negative, [seeds[n] for n in chunk], latent_shape)
+                    images = pipeline.decode(samples)
+                    seconds = time.perf_counter() - batch_start
+                    for n, file, image in zip(chunk, files, images):
+                        save_png(image, os.path.join(out_dir, file),
+                                 {"dreamcache": {"prompt": prompt, "seed": seeds[n], "subject": job.subject}})
+                for n, file in zip(chunk, files):
+                    record["images"].append({
+                        "file": file, "subject": job.subject, "class": job.class_name, "kind": job.kind,
+                        "prompt": prompt, "prompt_index": prompt_index, "image_index": n, "seed": seeds[n],
+                        "batch_seeds": [seeds[m] for m in chunk],
+                        "seconds": None if seconds is None else seconds / len(chunk),
+                    })
+                log(f"{files[0]}..{files[-1]}  {prompt!r}  seeds {[seeds[n] for n in chunk]}"
+                    + ("" if seconds is None else f"  {seconds:.1f} s"))
+        if sampler.injection is not None:
+            sampler.injection.release_device_copies()
+    record["total_seconds"] = time.perf_counter() - started
+    with open(os.path.join(out_dir, SETTINGS_FILE), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.generate",
+                                description="Generate personalised images with DreamCache through ComfyUI, headless.")
+    p.add_argument("--replay", help="a settings.json written by an earlier run: its settings are the defaults "
+                                    "(options given here override them)")
+    p.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or the custom_nodes parent)")
+    p.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU")
+    p.add_argument("--out", help="output folder (images + settings.json)")
+    p.add_argument("--skip-existing", action="store_true", help="keep images already in --out (resume a run)")
+    p.add_argument("--quiet", action="store_true")
+    g = p.add_argument_group("models")
+    g.add_argument("--checkpoint", help="SD1.5 / SD2.x / SDXL checkpoint (what Load Checkpoint reads)")
+    g.add_argument("--adapter", help="DreamCache adapter (.safetensors, or the authors' cross_attention-<step>.pt)")
+    g.add_argument("--sam", help="SAM checkpoint (sam_vit_b_01ec64.pth, ...) to cut subjects out of references")
+    g = p.add_argument_group("reference")
+    g.add_argument("--reference", help="reference image of the subject")
+    g.add_argument("--reference-mask", help="mask image of --reference (white = subject)")
+    g.add_argument("--cache", help="a saved DreamCache (.safetensors from Save DreamCache) instead of --reference")
+    g.add_argument("--reference-size", type=int, default=None, help="side of the prepared reference (default: --width)")
+    g.add_argument("--encode-prompt", default="", help="text of the Encode pass (default: empty, the paper's null prompt)")
+    g.add_argument("--encode-seed", type=int, default=0, help="seed of the small noise of the Encode pass")
+    g.add_argument("--no-token-mask", dest="token_mask", action="store_false",
+                   help="keep background tokens in the memory (default: the mask drops them, as Encode's mask input)")
+    g.add_argument("--subject-name", help="a name for the subject (recorded, used by evaluate)")
+    g.add_argument("--class-name", help="the subject's class noun (recorded)")
+    g = p.add_argument_group("prompts and seeds")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help="text file, one prompt per line (# starts a comment)")
+    g.add_argument("--negative", default="", help="negative prompt (default: empty)")
+    g.add_argument("--seed", type=int, default=0, help="first seed; image n of a prompt uses seed + n")
+    g.add_argument("--seeds", type=int, nargs="+", help="explicit seeds, one image per seed (overrides --seed)")
+    g.add_argument("--images-per-prompt", type=int, default=1)
+    g.add_argument("--batch", type=int, default=1, help="images sampled together")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--sampler", default="euler", help="a ComfyUI sampler name (euler, dpmpp_2m, ddim, ...)")
+    g.add_argument("--scheduler", default="normal", help="a ComfyUI scheduler name (normal, karras, ...)")
+    g.add_argument("--guidance", default="joint", choices=GUIDANCE_MODES,
+                   help="joint: stock KSampler, reference in the positive batch (--cfg); combined: DreamCache Guider "
+                        "(--text-cfg, --image-cfg); off: the unpatched model (baseline)")
+    g.add_argument("--cfg", type=float, default=7.5, help="joint guidance scale")
+    g.add_argument("--text-cfg", type=float, default=7.5, help="combined guidance s_T (authors: 7.5)")
+    g.add_argument("--image-cfg", type=float, default=5.0, help="combined guidance s_I (authors: 5.0)")
+    g.add_argument("--strength", type=float, default=1.0, help="Apply DreamCache strength")
+    g.add_argument("--start-percent", type=float, default=0.0)
+    g.add_argument("--end-percent", type=float, default=1.0)
+    g = p.add_argument_group("DreamBench")
+    g.add_argument("--dreambench", help="the google/dreambooth 'dataset' folder: runs the DreamBench protocol "
+                                        "(30 subjects x 25 prompts x --images-per-prompt)")
+    g.add_argument("--subjects", nargs="+", help="only these DreamBench subjects")
+    g.add_argument("--max-prompts", type=int, default=0, help="only the first N prompts per subject (smoke runs)")
+    g.add_argument("--reference-index", type=int, default=0,
+                   help="which image of a subject folder (name order) is its one reference (default 0)")
+    g.add_argument("--reference-masks", help="folder of <subject>.png masks (white = subject) instead of --sam")
+    g.add_argument("--unmasked-references", action="store_true",
+                   help="allow unmasked DreamBench references (not the paper's protocol)")
+    g.add_argument("--unique-token", default="", help="token before the class noun (default: none)")
+    return p
+
+
+def resolve_settings(argv: list, parser: Optional[argparse.ArgumentParser] = None) -> dict:
+    """argv -> the full settings dict (``--replay`` settings as defaults); validates what can be checked early."""
+    parser = parser or build_parser()
+    args = parser.parse_args(argv)
+    if args.replay:
+        with open(args.replay, encoding="utf-8") as handle:
+            previous = json.load(handle)
+        if previous.get("format") != SETTINGS_FORMAT:
+            raise ValueError(f"{args.replay} is not a settings file written by dreamcache_core.generate.")
+        known = {action.dest for action in parser._actions}
+        parser.set_defaults(**{k: v for k, v in previous["settings"].items() if k in known and k not in NON_GENERATIVE})
+        args = parser.parse_args(argv)
+    settings = vars(args)
+    if not settings["out"]:
+        raise ValueError("Give the output folder: --out DIR.")
+    if settings["reference_size"] is None:
+        settings["reference_size"] = settings["width"]
+    for name in ("width", "height"):
+        if settings[name] % 8 or settings[name] < 64:
+            raise ValueError(f"--{name} must be a multiple of 8, at least 64 (got {settings[name]}).")
+    for name in ("steps", "images_per_prompt", "batch"):
+        if settings[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1.")
+    return settings
+
+
+def main(argv=None, pipeline: Optional[Pipeline] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings = resolve_settings(argv)
+    settings["_argv"] = argv
+    log = log or ((lambda message: None) if settings["quiet"] else
+                  (lambda message: print(message, file=sys.stderr, flush=True)))
+    if pipeline is None:
+        from .comfy_bridge import ensure_comfyui
+
+        ensure_comfyui(settings["comfyui"], cpu=settings["cpu"])
+        if not settings["checkpoint"]:
+            raise ValueError("Give the base model: --checkpoint FILE (SD1.5, SD2.x or SDXL).")
+        settings["_checkpoint_info"] = describe_file(settings["checkpoint"])
+        pipeline = load_pipeline(settings["checkpoint"])
+    return run(pipeline, settings, settings["out"], log)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        logging.basicConfig()
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

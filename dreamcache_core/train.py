@@ -1,0 +1,206 @@
+"""Train DreamCache adapters.
+
+    python -m dreamcache_core.train --checkpoint sd15.safetensors --data data/manifest.jsonl --output-dir runs/a
+    python -m dreamcache_core.train --checkpoint sd15.safetensors --data data/manifest.jsonl \\
+        --precompute data/precomputed --precompute-caches --precompute-only      # then train with --data data/precomputed
+    torchrun --nproc_per_node 4 -m dreamcache_core.train ...                     # several GPUs (DDP over the adapter)
+
+Run it from the pack folder. ComfyUI comes from --comfyui, $COMFYUI_PATH, or
+the ComfyUI holding custom_nodes/<this pack>.
+
+What a step does (see training_loss / training_loop): each sample's reference
+is cached at t = 1 by ``comfy_bridge.encode_reference`` (the Encode node's code,
+no gradients), the target latent is noised at a random t, and the base model
+predicts it through ComfyUI's sampling code with the adapter injected by the
+patch callables Apply DreamCache uses. The loss is the base model's own
+denoising loss (epsilon or v, taken from the loaded model). Only the adapter
+trains; captions are replaced by the empty prompt with --caption-dropout and
+references by a white one with --reference-dropout.
+
+--data is a JSONL manifest (see training_data; build one with
+``python -m dreamcache_core.dataset``) encoded on the fly with the
+checkpoint's VAE and text encoder, or a folder written by --precompute.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from .training_loop import DistributedInfo, TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("base model")
+    g.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or the one holding custom_nodes)")
+    g.add_argument("--checkpoint", help="SD1.x / SD2.x / SDXL checkpoint, loaded by ComfyUI's loader")
+    g.add_argument("--unet-config", help="JSON ComfyUI unet config (tests, toy models) instead of --checkpoint")
+    g.add_argument("--unet-weights", help=".safetensors of the U-Net built from --unet-config")
+    g.add_argument("--prediction", choices=["eps", "v"], help="with --unet-config (default: the JSON's, else eps)")
+    g.add_argument("--unet-dtype", default="auto", help="auto (ComfyUI's choice) | fp32 | fp16 | bf16")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="manifest .jsonl, or a folder written by --precompute")
+    g.add_argument("--resolution", type=int, default=512, help="training image size (shorter side, centre crop)")
+    g.add_argument("--reference-resolution", type=int, help="reference size (default: --resolution)")
+    g.add_argument("--no-masks", action="store_true", help="ignore reference masks (cache every reference token)")
+    g.add_argument("--toy-encoders", action="store_true",
+                   help="encode a manifest with the toy world's fixed encoders instead of a VAE/CLIP (tests, benchmarks)")
+    g.add_argument("--precompute", metavar="DIR", help="precompute latents and text embeddings into DIR, then train from it")
+    g.add_argument("--precompute-caches", action="store_true", help="also precompute each reference's cache")
+    g.add_argument("--precompute-only", action="store_true", help="stop after --precompute")
+    g = p.add_argument_group("training")
+    g.add_argument("--output-dir", default="dreamcache_training")
+    g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=4, help="samples per process per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (authors: 1e-5)")
+    g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+    g.add_argument("--caption-dropout", type=float, default=0.05)
+    g.add_argument("--reference-dropout", type=float, default=0.05)
+    g.add_argument("--timestep-range", type=int, nargs=2, default=(0, 999), metavar=("LOW", "HIGH"))
+    g.add_argument("--seed", type=int, default=0, help="seeds the adapter's initialisation and every draw")
+    g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast dtype (auto: bf16 or fp16 on CUDA, none on the CPU)")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--resume", help="checkpoint adapter (with its .state.pt) to continue exactly, or 'auto'")
+    g.add_argument("--init-adapter", help="start from this adapter's weights (fresh optimizer)")
+    return p
+
+
+def setup_distributed(cpu: bool) -> DistributedInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistributedInfo()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and not cpu
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistributedInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def load_model(args):
+    """(model_patcher, clip or None, vae or None)."""
+    if bool(args.checkpoint) == bool(args.unet_config):
+        raise ValueError("Give exactly one of --checkpoint (a real model) and --unet-config (a test/toy U-Net).")
+    if args.checkpoint:
+        from .training_models import load_checkpoint
+
+        return load_checkpoint(args.checkpoint, args.unet_dtype)
+    from .training_models import DTYPES, model_from_unet_config, read_unet_config
+
+    unet_config, prediction = read_unet_config(args.unet_config)
+    dtype = DTYPES.get(args.unet_dtype, torch.float32)
+    model = model_from_unet_config(unet_config, args.prediction or prediction, args.unet_weights, dtype)
+    return model, None, None
+
+
+def make_source(args, clip, vae):
+    from .training_data import PrecomputedStore, read_manifest
+    from .training_sources import ComfyImageEncoder, ComfyTextEncoder, ManifestSource, StoreSource
+
+    use_masks = not args.no_masks
+    if os.path.isdir(args.data):
+        if not PrecomputedStore.is_store(args.data):
+            raise ValueError(f"--data {args.data} is a folder but not a precomputed store (no store.json); pass the "
+                             "manifest .jsonl or a folder written by --precompute.")
+        return StoreSource(PrecomputedStore(args.data), use_masks), None
+    manifest = read_manifest(args.data)
+    if args.toy_encoders:
+        from .toy_world import ToyImageEncoder, ToyTextEncoder
+
+        image_encoder, text_encoder = ToyImageEncoder(), ToyTextEncoder()
+    else:
+        if vae is None or clip is None:
+            raise ValueError("Encoding a manifest needs the checkpoint's VAE and text encoder: pass --checkpoint, or "
+                             "--data a precomputed folder (or --toy-encoders for toy data).")
+        image_encoder, text_encoder = ComfyImageEncoder(vae), ComfyTextEncoder(clip)
+    return ManifestSource(manifest, image_encoder, text_encoder, args.resolution, args.reference_resolution,
+                          use_masks), manifest
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .comfy_bridge import ensure_comfyui
+
+    distributed = setup_distributed(args.cpu)
+    ensure_comfyui(args.comfyui, cpu=args.cpu)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    log = print if distributed.is_main else (lambda message: None)
+
+    model, clip, vae = load_model(args)
+    source, manifest = make_source(args, clip, vae)
+    if manifest is not None and manifest.skipped:
+        log(manifest.report())
+    if args.precompute:
+        from .training_data import PrecomputedStore
+        from .training_sources import StoreSource, precompute
+
+        precompute(source, args.precompute, model, args.precompute_caches, distributed.rank, distributed.world_size,
+                   not args.no_progress, log)
+        if distributed.enabled:
+            torch.distributed.barrier()
+        if args.precompute_only:
+            return 0
+        source = StoreSource(PrecomputedStore(args.precompute), not args.no_masks)
+    elif args.precompute_only:
+        raise ValueError("--precompute-only needs --precompute DIR.")
+    del clip, vae
+
+    from .adapter import build_adapter
+    from .adapter_io import load_adapter
+    from .layers import discover_memory_layers, model_signature
+    from .training_loop import AdapterTrainer, latest_checkpoint
+
+    unet = model.model.diffusion_model
+    adapter = build_adapter(discover_memory_layers(unet), model_signature(unet), seed=args.seed)
+    if args.init_adapter:
+        start = load_adapter(args.init_adapter, base_model=unet)
+        adapter.load_state_dict(start.state_dict())
+        log(f"starting from {args.init_adapter}")
+    config = TrainConfig(
+        output_dir=args.output_dir, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, warmup_steps=args.warmup_steps,
+        caption_dropout=args.caption_dropout, reference_dropout=args.reference_dropout, seed=args.seed,
+        timestep_range=tuple(args.timestep_range), mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, use_masks=not args.no_masks, save_every=args.save_every,
+        log_every=args.log_every, progress=not args.no_progress)
+    trainer = AdapterTrainer(model, adapter, source, config, distributed, log=log)
+    log(f"training {adapter.parameter_count():,} adapter parameters on {len(source)} samples "
+        f"({model.model.model_type.name} prediction, device {trainer.device}, "
+        f"autocast {trainer.autocast_dtype or 'off'}, {distributed.world_size} process(es))")
+    resume = args.resume
+    if resume == "auto":
+        resume = latest_checkpoint(args.output_dir)
+        if resume is None:
+            log("no checkpoint to resume in the output folder; starting fresh")
+    if resume:
+        trainer.resume(resume)
+    trainer.train()
+    if distributed.enabled:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

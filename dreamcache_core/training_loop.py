@@ -1,0 +1,391 @@
+"""The adapter training loop: optimizer, accumulation, precision, checkpoints, exact resume, logging, DDP.
+
+Only the adapter's parameters are optimised (AdamW); every base-model tensor
+is frozen (``requires_grad_(False)``) and never handed to the optimizer. One
+optimizer step consumes ``batch_size * grad_accum * world_size`` samples,
+drawn from the epoch-shuffled stream of ``training_data.draw_sample``: the
+k-th sample of the run always gets the same dataset row, timestep, noise and
+dropout decisions, whatever the number of processes, and a resumed run
+continues the very same stream.
+
+Checkpoints (every ``save_every`` steps and at the end) are the pack's adapter
+``.safetensors`` (loadable by Load DreamCache Adapter) plus a side file
+``<name>.state.pt`` (optimizer and grad-scaler state, step, RNG states, the
+config) read back with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .adapter_io import load_adapter, save_adapter
+from .training_data import SampleDraw, draw_sample
+from .training_loss import LossRow, denoising_losses, gradient_checkpointing, sigma_of_timestep
+from .training_sources import null_reference_cache, reference_cache
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_NAME = "dreamcache_adapter.safetensors"
+LOG_NAME = "train_log.csv"
+LOG_FIELDS = ["step", "samples", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"]
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-5                      # the authors' learning rate
+    weight_decay: float = 1e-2
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0            # 0 = no clipping
+    warmup_steps: int = 0
+    caption_dropout: float = 0.05         # caption -> empty prompt (what combined guidance's e(I, 0) needs)
+    reference_dropout: float = 0.05       # reference -> the null (white) reference
+    seed: int = 0
+    timestep_range: tuple = (0, 999)
+    mixed_precision: str = "auto"         # auto | no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    use_masks: bool = True                # drop background tokens where a reference mask is given
+    save_every: int = 500
+    log_every: int = 1
+    progress: bool = True
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        data["timestep_range"] = list(self.timestep_range)
+        return data
+
+
+@dataclass
+class DistributedInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class _AdapterStep(torch.nn.Module):
+    """The adapter as a module whose forward is one micro-batch loss, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, adapter, trainer):
+        super().__init__()
+        self.adapter = adapter
+        object.__setattr__(self, "_trainer", trainer)  # not a submodule: DDP must not see the base model
+
+    def forward(self, draws):
+        return self._trainer.draw_losses(draws).mean()
+
+
+def resolve_precision(mode: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``mode`` on ``device`` (None = no autocast)."""
+    mode = (mode or "auto").lower()
+    if mode in ("no", "none", "fp32", "off"):
+        return None
+    if mode == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 mixed precision needs a CUDA device; use --mixed-precision bf16 or no on the CPU.")
+        return torch.float16
+    raise ValueError(f"Unknown mixed precision {mode!r}; use auto, no, bf16 or fp16.")
+
+
+class AdapterTrainer:
+    """Trains ``adapter`` on ``source`` against the frozen ``model_patcher`` (a ComfyUI ModelPatcher)."""
+
+    def __init__(self, model_patcher, adapter, source, config: TrainConfig, distributed: Optional[DistributedInfo] = None,
+                 attention=None, log: Callable[[str], None] = print):
+        from .adapter import check_adapter_fits
+        from .comfy_bridge import comfy_memory_attention
+
+        self.model = model_patcher
+        self.unet = model_patcher.model.diffusion_model
+        check_adapter_fits(adapter, self.unet)
+        self.source = source
+        self.config = config
+        self.dist = distributed or DistributedInfo()
+        self.attention = attention or comfy_memory_attention
+        self.log = log if self.dist.is_main else (lambda message: None)
+        self.device = torch.device(model_patcher.load_device)
+        self.model.model.requires_grad_(False)
+        self.adapter = adapter.to(device=self.device, dtype=torch.float32)
+        self.adapter.requires_grad_(True)
+        self.autocast_dtype = resolve_precision(config.mixed_precision, self.device)
+        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=config.lr, betas=tuple(config.betas),
+                                           eps=config.eps, weight_decay=config.weight_decay)
+        fp16 = self.autocast_dtype == torch.float16 or self.unet.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if (fp16 and self.device.type == "cuda") else None
+        self.step = 0
+        self.samples_seen = 0
+        self.history: list = []  # (step, loss) of every optimizer step of this process's run
+        self.step_module = _AdapterStep(self.adapter, self)
+        self.ddp = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.step_module, device_ids=None)
+        self._special = None
+        self._null_cache = None
+
+    # ------------------------------------------------------------------ data
+    @property
+    def special(self):
+        if self._special is None:
+            self._special = self.source.special()
+        return self._special
+
+    def draws_for(self, step: int, micro: int) -> list:
+        """The samples this process handles in micro-batch ``micro`` of optimizer step ``step``."""
+        c = self.config
+        first = ((step * c.grad_accum + micro) * self.dist.world_size + self.dist.rank) * c.batch_size
+        return [draw_sample(c.seed, first + j, len(self.source), c.caption_dropout, c.reference_dropout,
+                            tuple(c.timestep_range)) for j in range(c.batch_size)]
+
+    def loss_row(self, draw: SampleDraw, reference: str = "matched", shuffled_index: Optional[int] = None) -> LossRow:
+        """The loss row of ``draw``; ``reference`` = matched | shuffled (cache of ``shuffled_index``) | none."""
+        sample = self.source.prepared(draw.index)
+        special = self.special
+        cond, pooled = sample.text_cond, sample.text_pooled
+        if draw.drop_caption:
+            cond, pooled = special.empty_cond, special.empty_pooled
+        if reference == "none":
+            cache = None
+        elif draw.drop_reference:
+            cache = self.null_cache()
+        elif reference == "shuffled":
+            other = self.source.prepared(shuffled_index)
+            cache = reference_cache(self.model, other, shuffled_index, special, self.config.use_masks)
+        else:
+            cache = reference_cache(self.model, sample, draw.index, special, self.config.use_masks)
+        sigma = float(sigma_of_timestep(self.model, [draw.timestep])[0])
+        return LossRow(sample.target_latent, draw.noise(sample.target_latent.shape), sigma, cond, pooled, cache)
+
+    def null_cache(self):
+        if self._null_cache is None:
+            self._null_cache = null_reference_cache(self.model, self.special)
+        return self._null_cache
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return None
+        return lambda: torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def draw_losses(self, draws: list, reference: str = "matched") -> torch.Tensor:
+        rows = [self.loss_row(d, reference) for d in draws]
+        return denoising_losses(self.model, self.adapter, rows, self.attention, self.autocast())
+
+    # ------------------------------------------------------------------ steps
+    def lr_at(self, step: int) -> float:
+        if self.config.warmup_steps > 0 and step < self.config.warmup_steps:
+            return self.config.lr * (step + 1) / self.config.warmup_steps
+        return self.config.lr
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the mean loss of the step's samples (over all processes)."""
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        module = self.ddp or self.step_module
+        total = torch.zeros((), dtype=torch.float64)
+        with gradient_checkpointing(self.unet, c.gradient_checkpointing):
+            for micro in range(c.grad_accum):
+                draws = self.draws_for(self.step, micro)
+                sync = (micro == c.grad_accum - 1) or self.ddp is None
+                context = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                with context:
+                    loss = module(draws)
+                    scaled = loss / c.grad_accum
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                total += float(loss.detach()) / c.grad_accum
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._grad_norm()
+        if c.max_grad_norm and c.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), c.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.dist.enabled:
+            import torch.distributed as torch_dist
+
+            torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
+            total /= self.dist.world_size
+        self.step += 1
+        self.samples_seen += c.batch_size * c.grad_accum * self.dist.world_size
+        self.last_grad_norm = grad_norm
+        loss_value = float(total)
+        self.history.append((self.step, loss_value))
+        return loss_value
+
+    def _grad_norm(self) -> float:
+        norms = [p.grad.detach().float().norm() for p in self.adapter.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, step: int) -> str:
+        return os.path.join(self.config.output_dir, CHECKPOINT_DIR, f"adapter-{step:07d}.safetensors")
+
+    def save_checkpoint(self, path: Optional[str] = None) -> str:
+        path = path or self.checkpoint_path(self.step)
+        if not self.dist.is_main:
+            return path
+        metadata = {"training": {"step": self.step, "samples": self.samples_seen, "seed": self.config.seed,
+                                 "lr": self.config.lr, "source": getattr(self.source, "describe", dict)()}}
+        save_adapter(self.adapter, path, extra_metadata=metadata)
+        state = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "python": json.dumps(random.getstate())},
+            "config": json.dumps(self.config.to_json(), sort_keys=True),
+        }
+        torch.save(state, side_file(path))
+        return path
+
+    def resume(self, path: str) -> None:
+        """Continue exactly from a checkpoint written by ``save_checkpoint``."""
+        state_path = side_file(path)
+        if not os.path.isfile(state_path):
+            raise ValueError(f"{path} has no training state beside it ({os.path.basename(state_path)}); it can start a "
+                             "new run (--init-adapter) but cannot be resumed exactly.")
+        loaded = load_adapter(path)
+        if sorted(loaded.keys()) != sorted(self.adapter.keys()):
+            raise ValueError(f"{path} was trained for other memory layers than this base model's; it cannot be resumed.")
+        with torch.no_grad():
+            for (name, param), (_, value) in zip(self.adapter.named_parameters(), loaded.named_parameters()):
+                param.copy_(value.to(param.device, param.dtype))
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.samples_seen = int(state["samples_seen"])
+        rng = state.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "python" in rng:
+            python_state = json.loads(rng["python"])
+            random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+        saved = json.loads(state.get("config", "{}"))
+        changed = [k for k in ("seed", "batch_size", "grad_accum", "caption_dropout", "reference_dropout")
+                   if k in saved and saved[k] != getattr(self.config, k)]
+        if changed:
+            self.log(f"warning: resuming with changed {', '.join(changed)}; the run will not match an uninterrupted one")
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ the run
+    def train(self, steps: Optional[int] = None) -> str:
+        """Train up to ``steps`` (default: config.steps) optimizer steps; returns the final adapter path."""
+        c = self.config
+        target = c.steps if steps is None else steps
+        os.makedirs(c.output_dir, exist_ok=True)
+        log_writer = _CsvLog(os.path.join(c.output_dir, LOG_NAME), self.step) if self.dist.is_main else None
+        bar = None
+        if c.progress and self.dist.is_main:
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=target, initial=self.step, desc="train DreamCache", unit="step", dynamic_ncols=True)
+            except ImportError:
+                bar = None
+        start = time.perf_counter()
+        samples_at_start = self.samples_seen
+        running = None
+        try:
+            while self.step < target:
+                loss = self.train_step()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"The loss became {loss} at step {self.step}; lower --lr or use "
+                                             "--mixed-precision no.")
+                running = loss if running is None else 0.9 * running + 0.1 * loss
+                elapsed = time.perf_counter() - start
+                rate = (self.samples_seen - samples_at_start) / max(elapsed, 1e-9)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{rate:.1f}")
+                if log_writer and (self.step % c.log_every == 0 or self.step == target):
+                    log_writer.write({"step": self.step, "samples": self.samples_seen, "loss": f"{loss:.6f}",
+                                      "lr": f"{self.lr_at(self.step - 1):.3g}", "grad_norm": f"{self.last_grad_norm:.4g}",
+                                      "samples_per_s": f"{rate:.2f}", "elapsed_s": f"{elapsed:.1f}"})
+                if c.save_every and self.step % c.save_every == 0 and self.step < target:
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if log_writer:
+                log_writer.close()
+        self.save_checkpoint(self.checkpoint_path(self.step))
+        final = os.path.join(c.output_dir, FINAL_NAME)
+        if self.dist.is_main:
+            metadata = {"training": {"step": self.step, "samples": self.samples_seen, "seed": c.seed, "lr": c.lr}}
+            save_adapter(self.adapter, final, extra_metadata=metadata)
+            self.log(f"saved {final} after {self.step} steps ({self.samples_seen} samples)")
+        return final
+
+
+def side_file(adapter_path: str) -> str:
+    root, _ = os.path.splitext(adapter_path)
+    return root + ".state.pt"
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    folder = os.path.join(output_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return None
+    found = sorted(f for f in os.listdir(folder) if f.startswith("adapter-") and f.endswith(".safetensors")
+                   and os.path.isfile(side_file(os.path.join(folder, f))))
+    return os.path.join(folder, found[-1]) if found else None
+
+
+class _CsvLog:
+    """train_log.csv; on resume the rows after the resumed step are dropped, so the log matches the run."""
+
+    def __init__(self, path: str, resume_step: int):
+        rows = []
+        if os.path.isfile(path) and resume_step > 0:
+            with open(path, newline="", encoding="utf-8") as handle:
+                rows = [r for r in csv.DictReader(handle) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+        self.handle = open(path, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.handle, fieldnames=LOG_FIELDS)
+        self.writer.writeheader()
+        for row in rows:
+            self.writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+        self.handle.flush()
+
+    def write(self, row: dict):
+        self.writer.writerow(row)
+        self.handle.flush()
+
+    def close(self):
+        self.handle.close()
