@@ -1,6 +1,5 @@
 """Training data, dataset builder, augmentation and the sample stream (pure torch, no ComfyUI)."""
 import json
-import os
 
 import pytest
 import torch
