@@ -15,8 +15,9 @@ class DreamCacheEncode:
                                                     "memory."}),
                 "conditioning": ("CONDITIONING", {"tooltip": "Text context of the caching pass: one without the "
                                                              "subject, typically the empty or the negative prompt."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": "fixed",
-                                 "tooltip": "Seed of the small noise added at t = 1."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                                 "tooltip": "Seed of the small noise added at t = 1. Set 'control after generate' "
+                                            "to fixed so the reference is encoded once, not on every run."}),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Subject mask (1 = subject) of the reference, any resolution with the "
