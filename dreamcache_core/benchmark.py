@@ -18,15 +18,17 @@ checkpoint is needed, nothing downloads):
   one U-Net pass at t = 1 plus the feature capture) against the same one-pass
   path on the unpatched model without capture (a plain step of a single
   latent through the same guider), alternating the same way.
-* **Memory.** GPU: ``torch.cuda.max_memory_allocated`` per run. CPU: the peak
-  resident set size above the one before the run, sampled every millisecond
-  by a thread (approximate: the allocator may keep freed pages).
+* **Memory.** The peak during each sampling run, absolute: GPU
+  ``torch.cuda.max_memory_allocated``; CPU the process's peak resident set size
+  (Linux: the kernel's VmHWM, reset before each run; elsewhere sampled every
+  millisecond). The personalised model's extra is the median over run pairs.
 * **Sizes.** Bytes of the cache per reference (fp16 features as saved), of the
   adapter (fp32 as saved, and fp16), and of the memory keys/values the
   injection keeps for the whole run.
 
-Shapes: ``mid`` (default) is the SD1.5 layout at 1/4 width on a 40x40 latent,
-seconds per step on a laptop CPU; ``tiny`` is for tests; ``--full`` adds the
+Shapes: ``mid`` (default) is the SD1.5 layout at width 96 (SD1.5: 320) on a
+32x32 latent, so tokens per channel at the top level (10.7) are close to SD1.5 at
+512x512 (12.8), and a step takes about half a second on a 2-core CPU; ``tiny`` is for tests; ``--full`` adds the
 real SD1.5 at 512x512 and SDXL at 1024x1024 (random weights: made for a GPU).
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -77,8 +79,13 @@ class Shape:
 SHAPES = {
     "tiny": Shape("tiny", "sd15", dict(SD15_UNET, model_channels=32, context_dim=64), 16, 8,
                   "SD1.5 layout, width 32, 16x16 latent (tests)"),
-    "mid": Shape("mid", "sd15", dict(SD15_UNET, model_channels=80), 40, 77,
-                 "SD1.5 layout (8 heads, text width 768) at width 80 (1/4), 40x40 latent (320 px)"),
+    "tiny-sdxl": Shape("tiny-sdxl", "sdxl", dict(SDXL_UNET, model_channels=32, context_dim=64,
+                                                  transformer_depth=[0, 0, 2, 2, 2, 2], transformer_depth_middle=2,
+                                                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 2, 2, 2],
+                                                  num_head_channels=16), 16, 8,
+                       "SDXL layout, width 32, depth 2, 16x16 latent (tests)"),
+    "mid": Shape("mid", "sd15", dict(SD15_UNET, model_channels=96), 32, 77,
+                 "SD1.5 layout (8 heads, text width 768) at width 96, 32x32 latent (256 px)"),
     "sd15-512": Shape("sd15-512", "sd15", dict(SD15_UNET), 64, 77, "SD1.5 U-Net (860M), 512x512"),
     "sdxl-1024": Shape("sdxl-1024", "sdxl", dict(SDXL_UNET), 128, 77, "SDXL U-Net (2.6B), 1024x1024"),
 }
@@ -122,33 +129,63 @@ def ab_order(repeats: int) -> list:
 # memory probes
 # ----------------------------------------------------------------------------------------------------------------
 
+def _proc_status_bytes(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux >= 4.0: writing 5 to /proc/self/clear_refs resets the peak resident set size (VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return _proc_status_bytes("VmHWM") is not None
+    except OSError:
+        return False
+
+
 class PeakMemory:
-    """Peak memory of a block: GPU bytes allocated (exact) or CPU resident set size above the start (sampled)."""
+    """Peak memory while a block runs, in absolute bytes.
+
+    GPU: ``torch.cuda.max_memory_allocated`` (exact, tensors only). CPU: the process's peak resident set size,
+    from the kernel (VmHWM, reset before the block) on Linux, else sampled every ``interval_s`` with psutil.
+    """
 
     def __init__(self, device: torch.device, interval_s: float = 0.001):
         self.device = device
         self.interval_s = interval_s
         self.peak_bytes = 0
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "RSS increase (sampled)"
+        self.start_bytes = 0
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS of the process"
+        self._thread = None
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
+            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
+            return self
+        if _reset_peak_rss():
+            self.start_bytes = _proc_status_bytes("VmRSS") or 0
             return self
         import psutil
 
-        self._process = psutil.Process()
-        self._start = self._process.memory_info().rss
-        self._peak = self._start
+        process = psutil.Process()
+        self.start_bytes = self._peak = process.memory_info().rss
         self._stop = threading.Event()
 
         def poll():
             while not self._stop.is_set():
-                self._peak = max(self._peak, self._process.memory_info().rss)
+                self._peak = max(self._peak, process.memory_info().rss)
                 time.sleep(self.interval_s)
 
+        self._process = process
         self._thread = threading.Thread(target=poll, daemon=True)
         self._thread.start()
         return self
@@ -157,13 +194,12 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-            self.start_bytes = int(self._start)
-            return False
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._process.memory_info().rss)
-        self.peak_bytes = int(self._peak - self._start)
-        self.start_bytes = int(self._start)
+        elif self._thread is None:
+            self.peak_bytes = int(_proc_status_bytes("VmHWM") or 0)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = int(max(self._peak, self._process.memory_info().rss))
         return False
 
 
@@ -335,7 +371,7 @@ def timed_encode(model_patcher, latent, cond, seed, device, mask=None):
 @dataclass
 class BenchmarkSettings:
     steps: int = 6
-    repeats: int = 4
+    repeats: int = 5
     warmup: int = 1
     cfg: float = 7.5
     seed: int = 0
@@ -450,6 +486,7 @@ def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, sett
         "encode_vs_cfg_step": median(encode_times) / median(all_a),
         "peak_memory_kind": PeakMemory(device).kind,
         "peak_memory_bytes": {"unpatched": spread(peaks["A"]), "personalised": spread(peaks["B"])},
+        "peak_memory_extra_bytes": median([b - a for a, b in zip(peaks["A"], peaks["B"])]),
         "cache_bytes_per_reference": cache.nbytes() // max(cache.num_references, 1),
         "memory_kv_bytes": memory_kv_bytes(injection, dtype),
         "adapter_parameters": adapter_params,
@@ -472,6 +509,10 @@ def _mib(n: float) -> str:
     return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.1f} KiB"
 
 
+def _signed_mib(n: float) -> str:
+    return ("+" if n >= 0 else "-") + _mib(abs(n))
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
 
@@ -481,10 +522,12 @@ def markdown_table(results: list, environment: dict, command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Machine: {environment['device_name']}, torch {environment['torch']}, {environment['threads']} threads, "
-        f"{environment['attention']}.",
+        f"{environment['attention']}"
+        + (f", load average {environment['load_average'][0]:.2f} at the end." if environment.get("load_average")
+           else "."),
         "",
         "| shape | unpatched step | personalised step | per-step overhead (median [min, max] of paired runs) "
-        "| Encode | plain pass | Encode / plain pass | peak memory unpatched / personalised | cache per reference "
+        "| Encode | plain pass | Encode / plain pass | peak memory unpatched / personalised (extra) | cache per reference "
         "| memory K/V | adapter (fp32 file / fp16) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -499,7 +542,7 @@ def markdown_table(results: list, environment: dict, command: str) -> str:
             f"| {_ms(r['encode_seconds']['median'])} | {_ms(r['plain_pass_seconds']['median'])} "
             f"| {enc['median']:.2f}x [{enc['min']:.2f}, {enc['max']:.2f}] "
             f"| {_mib(r['peak_memory_bytes']['unpatched']['median'])} / "
-            f"{_mib(r['peak_memory_bytes']['personalised']['median'])} "
+            f"{_mib(r['peak_memory_bytes']['personalised']['median'])} ({_signed_mib(r['peak_memory_extra_bytes'])}) "
             f"| {_mib(r['cache_bytes_per_reference'])} | {_mib(r['memory_kv_bytes'])} "
             f"| {_mib(r['adapter_bytes_fp32'])} / {_mib(r['adapter_bytes_fp16'])} |"
         )
@@ -525,6 +568,7 @@ def environment_info(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "device": str(device),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
@@ -557,8 +601,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="auto: float16 on a GPU, float32 on the CPU")
     parser.add_argument("--steps", type=int, default=6, help="Euler steps per sampling run (default 6)")
-    parser.add_argument("--repeats", type=int, default=4,
-                        help="A/B pairs of runs (default 4); order alternates A,B,B,A,...")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="A/B pairs of runs (default 5); order alternates A,B,B,A,...")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per model first (default 1)")
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)

@@ -10,7 +10,8 @@ prompts, and ``--dataset`` must give the real images).
 
 Image similarity (DINO, CLIP-I) is measured against the real images of the subject (``--against real``, the
 DreamBench protocol; the dreambooth ``dataset`` folder, from settings.json or ``--dataset``) or against the
-one reference image (``--against reference``). The masked variants segment the subject in both images (SAM
+one reference image (``--against reference``); the default, ``auto``, takes the real images wherever they are
+known. The masked variants segment the subject in both images (SAM
 with the automatic central-subject prompt, or a ``<image stem>_mask.png`` file beside an image) and put it on
 white. The DINO model is a ViT-S/16 (``facebook/dino-vits16``), CLIP a ViT-B/32
 (``openai/clip-vit-base-patch32``), both as local transformers folders; see ``metrics`` for the exact
@@ -100,7 +101,7 @@ class MaskSource:
         return None
 
 
-def evaluate(generations: dict, dino=None, clip=None, against: str = "real", masks: Optional[MaskSource] = None,
+def evaluate(generations: dict, dino=None, clip=None, against: str = "auto", masks: Optional[MaskSource] = None,
              log: Callable[[str], None] = print) -> dict:
     """Score every image of ``generations`` (see ``read_generations``); returns per-image records and aggregates."""
     by_subject: dict = {}
@@ -110,7 +111,10 @@ def evaluate(generations: dict, dino=None, clip=None, against: str = "real", mas
     notes = []
     for subject, items in by_subject.items():
         ref = generations["references"].get(subject, {})
-        if against == "real":
+        mode = against
+        if mode == "auto":
+            mode = "real" if ref.get("real_images") else "reference"
+        if mode == "real":
             real_paths = ref.get("real_images") or []
             if not real_paths:
                 raise ValueError(f"No real images known for subject '{subject or '(unnamed)'}': give --dataset, or "
@@ -128,18 +132,20 @@ def evaluate(generations: dict, dino=None, clip=None, against: str = "real", mas
             real_masks = [masks(path, image) for path, image in zip(real_paths, real)]
             if any(m is None for m in generated_masks + real_masks):
                 generated_masks = real_masks = None
-                notes.append(f"{subject}: masked metrics skipped (no mask for every image: give --sam)")
+                notes.append(f"{subject or '(all)'}: masked metrics skipped (no mask for every image: give --sam)")
         scores = metrics.score_subject(
             [image[0, ..., :3] for image in generated], [item["prompt"] for item in items],
             [image[0, ..., :3] for image in real], dino=dino, clip=clip,
             generated_masks=generated_masks, real_masks=real_masks)
         for item, score in zip(items, scores):
-            records.append({"file": item["file"], "subject": subject, "prompt": item["prompt"], **score})
+            records.append({"file": item["file"], "subject": subject, "prompt": item["prompt"], "against": mode,
+                            **score})
         means = {k: sum(s[k] for s in scores) / len(scores) for k in (scores[0] if scores else {})}
         log(f"{subject or '(all)'}: {len(items)} images, " +
             ", ".join(f"{metrics.METRIC_LABELS[k]} {v:.3f}" for k, v in means.items()))
     present = [m for m in metrics.METRIC_NAMES if any(m in r for r in records)]
-    return {"against": against, "records": records, "notes": notes, "metrics": present,
+    used = sorted({r["against"] for r in records})
+    return {"against": used[0] if len(used) == 1 else "mixed", "records": records, "notes": notes, "metrics": present,
             **metrics.aggregate(records, present)}
 
 
@@ -165,7 +171,9 @@ def format_table(result: dict, paper_bases=("sd15", "sd21")) -> str:
         lines.append(f"| paper, DreamCache {label}{masked_note if any(m in names for m in ('mdino', 'mclip_i')) else ''} "
                      "| | " + " | ".join("" if m not in paper else f"{paper[m]:.3f}" for m in names) + " |")
     lines.append("")
-    lines.append(f"Image similarity against the {'real images of each subject' if result['against'] == 'real' else 'reference image'}"
+    target = {"real": "the real images of each subject", "reference": "the reference image"}.get(
+        result["against"], "the real images where known, else the reference")
+    lines.append(f"Image similarity against {target}"
                  "; overall = mean over images. CLIP-T = plain cosine of CLIP ViT-B/32 image and prompt embeddings. "
                  "The paper's masked numbers (MDINO 0.837, MCLIP-I 0.906) do not name their base model.")
     return "\n".join(lines)
@@ -180,8 +188,9 @@ def parse_args(argv=None):
     p.add_argument("--dino", help="local folder of DINO ViT-S/16 in transformers format (facebook/dino-vits16)")
     p.add_argument("--clip", help="local folder of CLIP ViT-B/32 in transformers format (openai/clip-vit-base-patch32)")
     p.add_argument("--dataset", help="the dreambooth 'dataset' folder (real images); default: the one generate used")
-    p.add_argument("--against", default="real", choices=["real", "reference"],
-                   help="real: every real image of the subject (DreamBench); reference: the one reference image")
+    p.add_argument("--against", default="auto", choices=["auto", "real", "reference"],
+                   help="real: every real image of the subject (DreamBench); reference: the one reference image; "
+                        "auto (default): real where the real images are known, else the reference")
     p.add_argument("--sam", help="SAM checkpoint for the masked metrics (else only <stem>_mask.png files are used)")
     p.add_argument("--no-masked", action="store_true", help="skip MDINO / MCLIP-I")
     p.add_argument("--unique-token", default="", help="for DreamBench-layout folders: the token before the class")

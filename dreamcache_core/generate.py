@@ -40,9 +40,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -482,7 +482,7 @@ def run(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], N
     record = {
         "format": SETTINGS_FORMAT,
         "version": SETTINGS_VERSION,
-        "command": "python -m dreamcache_core.generate " + " ".join(settings.get("_argv", [])),
+        "command": "python -m dreamcache_core.generate " + shlex.join(settings.get("_argv", [])),
         "settings": {k: v for k, v in settings.items() if not k.startswith("_")},
         "seeds": seeds,
         "files": {"checkpoint": settings.get("_checkpoint_info"), "adapter": describe_file(settings["adapter"]),
@@ -496,7 +496,8 @@ def run(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], N
         job_dir = os.path.join(out_dir, job.name) if job.name else out_dir
         os.makedirs(job_dir, exist_ok=True)
         reference_record = {"subject": job.subject, "class": job.class_name, "kind": job.kind,
-                            "real_images": [os.path.abspath(p) for p in job.real_images]}
+                            "real_images": [os.path.abspath(p) for p in job.real_images],
+                            "reference_image": describe_file(job.reference_image)}
         cache = None
         if settings["guidance"] != "off":
             if job.cache:
@@ -520,7 +521,6 @@ def run(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], N
                     save_png(reference.mask[0], os.path.join(out_dir, prefix + "_mask.png"))
                 save_cache(cache, os.path.join(out_dir, prefix + "_cache.safetensors"))
                 reference_record.update(
-                    reference_image=describe_file(job.reference_image),
                     reference_mask_file=describe_file(job.reference_mask), mask_source=reference.mask_source,
                     prepared_reference=prefix + ".png",
                     prepared_mask=prefix + "_mask.png" if reference.mask is not None else None,
@@ -672,6 +672,5 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError) as error:
-        logging.basicConfig()
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -117,23 +117,28 @@ def texture_pattern(texture: str, height: int, width: int, period: int = 8) -> t
 
 
 def render(subject: Subject, generator: torch.Generator, size: int = 32, min_scale: float = 0.45,
-           max_scale: float = 0.75):
-    """(image [H, W, 3], mask [H, W]) of ``subject`` at a random place and size over a random background."""
+           max_scale: float = 0.75, period: int = 8, grey_range: tuple = (0.3, 0.65), tint: float = 0.25,
+           gradient: float = 0.3):
+    """(image [H, W, 3], mask [H, W]) of ``subject`` at a random place and size over a random background.
+
+    The subject's side is ``min_scale..max_scale`` of the image; its texture has a period of ``period`` px;
+    the background is a grey in ``grey_range`` plus a random tint (each channel +-``tint``/2) plus a random
+    linear gradient (up to ``gradient`` end to end)."""
     u = torch.rand(8, generator=generator).tolist()
     side = size * (min_scale + (max_scale - min_scale) * u[0])
     margin = side / 2
     cx = margin + (size - 2 * margin) * u[1]
     cy = margin + (size - 2 * margin) * u[2]
     mask = shape_mask(subject.shape, cx, cy, side, size, size)
-    base_grey = 0.3 + 0.35 * u[3]
-    tint = (torch.rand(3, generator=generator) - 0.5) * 0.25
-    background = (base_grey + tint).clamp(0.05, 0.85)
+    base_grey = grey_range[0] + (grey_range[1] - grey_range[0]) * u[3]
+    tint_rgb = (torch.rand(3, generator=generator) - 0.5) * tint
+    background = (base_grey + tint_rgb).clamp(0.05, 0.85)
     angle = 2 * math.pi * u[4]
     ramp = (torch.arange(size, dtype=torch.float32) / size - 0.5)
-    gradient = (math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None]) * (0.3 * u[5])
-    background_image = (background[None, None, :] + gradient[..., None]).clamp(0, 1)
+    ramp = (math.cos(angle) * ramp[None, :] + math.sin(angle) * ramp[:, None]) * (gradient * u[5])
+    background_image = (background[None, None, :] + ramp[..., None]).clamp(0, 1)
     colour = torch.tensor(COLOURS[subject.colour])
-    pattern = texture_pattern(subject.texture, size, size)
+    pattern = texture_pattern(subject.texture, size, size, period)
     subject_image = colour[None, None, :] * (1.0 - 0.55 * pattern[..., None])
     image = background_image * (1 - mask[..., None]) + subject_image * mask[..., None]
     return image.clamp(0, 1), mask

@@ -5,8 +5,9 @@ tiny deterministic stand-ins (``TinyPipeline``); the U-Net, Encode, Apply and th
 """
 import hashlib
 import json
-import os
+import shlex
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,6 @@ def base_argv(setup, out, *extra):
 
 def read_png(path):
     from PIL import Image
-    import numpy as np
 
     with Image.open(path) as handle:
         return torch.from_numpy(np.asarray(handle.convert("RGB")).copy())
@@ -87,7 +87,7 @@ def test_settings_file_holds_every_setting_and_replays_identically(setup, tmp_pa
                                                                                                  "blurry", "")
     assert saved["seeds"] == [5, 6]
     assert saved["files"]["adapter"]["sha256"] == generate.file_sha256(setup["adapter_path"])
-    assert saved["command"].endswith(" ".join(argv))
+    assert saved["command"] == "python -m dreamcache_core.generate " + shlex.join(argv)
     ref = saved["references"][0]
     assert ref["mask_source"] == "mask file" and ref["reference_image"]["bytes"] > 0
     assert (out / ref["cache_file"]).is_file() and (out / ref["prepared_reference"]).is_file()
@@ -135,7 +135,7 @@ def test_generation_from_a_saved_cache_is_the_stock_ksampler_path(setup, tmp_pat
     samples = ksample(personalised, pipeline.encode_text("a toy"), pipeline.encode_text(""),
                       torch.zeros(1, 4, SIDE // 8, SIDE // 8), seed=11, steps=2, cfg=5.0)
     expected = generate.image_to_pil(pipeline.decode(samples)[0])
-    assert torch.equal(generated, torch.from_numpy(__import__("numpy").asarray(expected).copy()))
+    assert torch.equal(generated, torch.from_numpy(np.asarray(expected).copy()))
 
     # the unpersonalised baseline differs
     off = tmp_path / "off"
@@ -216,7 +216,7 @@ def test_memory_kv_reuse_gives_identical_outputs_and_projects_once(setup, monkey
     from comfyui_dreamcache.dreamcache_core.adapter import MemoryAdapterLayer
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import encode_reference
 
-    generate, pipeline, model = setup["generate"], setup["pipeline"], setup["model"]
+    generate, model = setup["generate"], setup["model"]
     latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     cache = encode_reference(model, latent, text_conditioning(0), seed=0)
     calls = {"project": 0, "rows": []}
