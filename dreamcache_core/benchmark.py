@@ -353,6 +353,41 @@ def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
     return time.perf_counter() - start
 
 
+def counted_flops(run: Callable[[], object]) -> int:
+    """Floating-point operations of ``run()`` as torch's FlopCounterMode counts them (matmuls, convolutions,
+    attention): a machine-independent measure beside the wall times."""
+    from torch.utils import flop_counter
+
+    def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    # torch's counter knows the GPU attention kernels but not the CPU one ComfyUI's PyTorch attention uses there
+    custom = {}
+    cpu_kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_kernel is not None:
+        custom[cpu_kernel] = cpu_attention_flops
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=custom)
+    with counter, torch.no_grad():
+        run()
+    return int(counter.get_total_flops())
+
+
+def adapter_step_flops(injection, rows: int) -> int:
+    """The adapter's extra floating-point operations (2 per multiply-add) per model call, from the shapes
+    alone, for ``rows`` personalised batch rows generating at the reference's size, memory keys and values
+    reused: per memory layer of width d and inner width i (heads x head size), with L query tokens and M
+    memory tokens, W_q and W_o (2 d i), W_cat (2 d^2) per token, and q k^T plus attention x v (2 L M i)."""
+    total = 0
+    for key in injection.adapter.keys():
+        spec = injection.adapter.specs[key]
+        features = injection.cache.features[key]
+        queries = features.shape[-2] * features.shape[-1]
+        memory = injection.cache.memory_tokens(key).shape[1]
+        inner = spec.heads * spec.dim_head
+        total += 2 * rows * (queries * (2 * spec.dim * inner + 2 * spec.dim * spec.dim) + 2 * queries * memory * inner)
+    return total
+
+
 def timed_encode(model_patcher, latent, cond, seed, device, mask=None):
     from .comfy_bridge import encode_reference
 
@@ -455,6 +490,12 @@ def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, sett
             steps = sample_timed(models[label], positive, negative, latent, sigmas, settings.cfg, settings.seed, device)
         runs[label].append(steps)
         peaks[label].append(probe.peak_bytes)
+    # --- the same comparisons in counted floating-point operations (one step; machine-independent) -------------
+    one_step = sigmas[:2]
+    step_flops = {label: counted_flops(lambda m=models[label]: sample_timed(
+        m, positive, negative, latent, one_step, settings.cfg, settings.seed, device)) for label in ("A", "B")}
+    encode_flops = counted_flops(lambda: timed_encode(model, reference, empty, settings.seed, device, mask))
+    plain_flops = counted_flops(lambda: plain_single_pass(model, reference, empty, settings.seed, device))
     step_ratios = paired_ratios(runs["A"], runs["B"])
     all_a = [t for run in runs["A"] for t in run]
     all_b = [t for run in runs["B"] for t in run]
@@ -480,6 +521,11 @@ def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, sett
         "step_ratio": spread(step_ratios),
         "step_overhead_percent": 100.0 * (median(step_ratios) - 1.0),
         "step_runs": {"unpatched": runs["A"], "personalised": runs["B"]},
+        "step_flops": {"unpatched": step_flops["A"], "personalised": step_flops["B"]},
+        "step_flops_ratio": step_flops["B"] / step_flops["A"],
+        "adapter_step_flops_expected": adapter_step_flops(injection, rows=1 if chunks else 2),
+        "encode_flops": encode_flops,
+        "plain_pass_flops": plain_flops,
         "encode_seconds": spread(encode_times),
         "plain_pass_seconds": spread(plain_times),
         "encode_ratio": spread(encode_ratios),
@@ -527,9 +573,9 @@ def markdown_table(results: list, environment: dict, command: str) -> str:
            else "."),
         "",
         "| shape | unpatched step | personalised step | per-step overhead (median [min, max] of paired runs) "
-        "| Encode | plain pass | Encode / plain pass | peak memory unpatched / personalised (extra) | cache per reference "
-        "| memory K/V | adapter (fp32 file / fp16) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| per-step FLOPs overhead | Encode | plain pass | Encode / plain pass (FLOPs) "
+        "| peak memory unpatched / personalised (extra) | cache per reference | memory K/V | adapter (fp32 file / fp16) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = r["step_ratio"]
@@ -539,8 +585,9 @@ def markdown_table(results: list, environment: dict, command: str) -> str:
             f"| {_ms(r['step_seconds']['unpatched']['median'])} "
             f"| {_ms(r['step_seconds']['personalised']['median'])} "
             f"| {100 * (ratio['median'] - 1):+.1f} % [{100 * (ratio['min'] - 1):+.1f}, {100 * (ratio['max'] - 1):+.1f}] "
+            f"| {100 * (r['step_flops_ratio'] - 1):+.2f} % "
             f"| {_ms(r['encode_seconds']['median'])} | {_ms(r['plain_pass_seconds']['median'])} "
-            f"| {enc['median']:.2f}x [{enc['min']:.2f}, {enc['max']:.2f}] "
+            f"| {enc['median']:.2f}x [{enc['min']:.2f}, {enc['max']:.2f}] ({r['encode_flops'] / r['plain_pass_flops']:.3f}x) "
             f"| {_mib(r['peak_memory_bytes']['unpatched']['median'])} / "
             f"{_mib(r['peak_memory_bytes']['personalised']['median'])} ({_signed_mib(r['peak_memory_extra_bytes'])}) "
             f"| {_mib(r['cache_bytes_per_reference'])} | {_mib(r['memory_kv_bytes'])} "
@@ -555,7 +602,8 @@ def markdown_table(results: list, environment: dict, command: str) -> str:
         f"{'positive chunk only (joint guidance)' if s.get('apply_to') == 'positive' else 'positive and negative chunks'}, "
         f"memory = {'all' if s.get('subject_fraction', 1) >= 1 else 'about {:.0%} of the'.format(s.get('subject_fraction'))} "
         "reference tokens. Encode = the Encode DreamCache pass (one U-Net call at t = 1 with feature capture) against "
-        "the same one-call path on the unpatched model; both single-latent. Peak memory: "
+        "the same one-call path on the unpatched model; both single-latent. FLOPs: torch's FlopCounterMode over one "
+        "step (matmuls, convolutions, attention; machine-independent, so free of the timing noise). Peak memory: "
         f"{results[0]['peak_memory_kind'] if results else ''} during a sampling run.",
     ]
     return "\n".join(lines)

@@ -288,6 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--subject-scale", type=float, nargs=2, default=(0.55, 0.85), metavar=("MIN", "MAX"),
                         help="subject side as a fraction of the image side")
     parser.add_argument("--texture-period", type=int, default=16, help="texture period in pixels")
+    parser.add_argument("--classifier-steps", type=int, default=600,
+                        help="training steps of the attribute classifier that reads samples (default 600)")
     parser.add_argument("--retrain-base", action="store_true",
                         help="pretrain the base even if --out holds one made with the same recipe")
     args = parser.parse_args(argv)
@@ -349,7 +351,7 @@ def main(argv=None) -> int:
     # Is the base any good? Classify its own samples.
     train_latents = torch.stack([s.target_latent for s in train_samples])
     shapes, colours = labels_of(train_labels)
-    classifier = train_classifier(train_latents, shapes, colours)
+    classifier = train_classifier(train_latents, shapes, colours, steps=args.classifier_steps)
     eval_latents = torch.stack([s.target_latent for s in eval_samples])
     eval_shapes, eval_colours = labels_of(eval_labels)
     clean_shape, clean_colour = accuracy(classifier, eval_latents, eval_shapes, eval_colours)

@@ -274,6 +274,17 @@ def test_benchmark_runs_on_a_tiny_shape_and_reports_sane_numbers(setup, tmp_path
     assert r["memory_tokens"] == sum(h * w for _, h, w in shapes)
     assert r["memory_kv_bytes"] == sum(2 * h * w * c for c, h, w in shapes) * 4  # K and V, fp32, inner = width
     assert r["adapter_bytes_fp32"] == 4 * r["adapter_parameters"] == 2 * r["adapter_bytes_fp16"]
+    # counted FLOPs: the personalised step costs exactly the adapter's work on the positive row (K/V reused),
+    # and the Encode pass (capture hooks) exactly one plain pass
+    extra = r["step_flops"]["personalised"] - r["step_flops"]["unpatched"]
+    expected = 0
+    for (c, h, w), heads_x_dim in zip(shapes, (128, 128, 64, 64, 32)):
+        tokens = h * w
+        expected += 2 * (tokens * (2 * c * heads_x_dim + 2 * c * c) + 2 * tokens * tokens * heads_x_dim)
+    assert r["adapter_step_flops_expected"] == expected
+    assert extra == expected
+    assert r["step_flops_ratio"] == pytest.approx(r["step_flops"]["personalised"] / r["step_flops"]["unpatched"])
+    assert r["encode_flops"] == r["plain_pass_flops"] > 0
     assert r["peak_memory_bytes"]["unpatched"]["median"] >= 0
     table = out_md.read_text()
     assert "| shape |" in table and "| tiny (128px, float32) |" in table and "python -m dreamcache_core.benchmark" in table

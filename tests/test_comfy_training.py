@@ -308,3 +308,31 @@ def test_command_line_trains_resumes_and_precomputes(world, tmp_path):
         "adapter-0000001.safetensors", "adapter-0000001.state.pt", "adapter-0000002.safetensors",
         "adapter-0000002.state.pt", "adapter-0000003.safetensors", "adapter-0000003.state.pt"]
     assert not math.isnan(float(lines[-1].split(",")[2]))
+
+
+def test_toy_benchmark_runs_end_to_end_and_reuses_its_base(tmp_path, comfy):
+    """The acceptance benchmark, shrunk: data, base pretraining, the real train CLI per seed, the table."""
+    from comfyui_dreamcache.dreamcache_core import toy_benchmark
+
+    out = tmp_path / "toy"
+    argv = ["--out", str(out), "--seeds", "0", "1", "--train-samples", "48", "--eval-samples", "12",
+            "--base-steps", "3", "--adapter-steps", "2", "--batch-size", "4", "--classifier-steps", "5"]
+    status = toy_benchmark.main(argv)
+    report = (out / "report.md").read_text()
+    assert status in (0, 1) and ("yes;" in report) == (status == 0)
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "t (" in line or "| overall" in line]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        matched, shuffled, none = (float(cells[i].split(" ")[0]) for i in (1, 2, 3))
+        assert all(math.isfinite(x) and x > 0 for x in (matched, shuffled, none))
+        assert float(cells[4].split(" ")[0]) == pytest.approx(shuffled - matched, abs=2e-4)
+    for seed in (0, 1):
+        assert (out / f"adapter_seed{seed}" / "dreamcache_adapter.safetensors").is_file()
+    assert (out / "base_samples.png").is_file() and (out / "heldout_samples.png").is_file()
+
+    # a second run with the same recipe reuses the pretrained base bit for bit
+    weights = (out / "toy_base_unet.safetensors").read_bytes()
+    toy_benchmark.main(argv[:4] + argv[5:])  # one seed this time
+    assert (out / "toy_base_unet.safetensors").read_bytes() == weights
+    assert "reused from an earlier run" in (out / "report.md").read_text()
