@@ -336,3 +336,56 @@ def test_toy_benchmark_runs_end_to_end_and_reuses_its_base(tmp_path, comfy):
     toy_benchmark.main(argv[:4] + argv[5:])  # one seed this time
     assert (out / "toy_base_unet.safetensors").read_bytes() == weights
     assert "reused from an earlier run" in (out / "report.md").read_text()
+
+
+def test_torchrun_two_processes_train_exactly_like_one_with_the_whole_batch(world, tmp_path):
+    """Same script under torchrun (gloo, CPU): 2 processes x batch 1 = 1 process x batch 2, step for step."""
+    import csv
+    import json
+    import subprocess
+    import sys
+
+    from conftest import PACK_ROOT
+    from comfyui_dreamcache.dreamcache_core import toy_world as tw
+    from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter
+    from comfyui_dreamcache.dreamcache_core.train import main
+    from comfyui_dreamcache.dreamcache_core.training_models import save_unet_weights
+
+    weights, config = tmp_path / "unet.safetensors", tmp_path / "unet.json"
+    save_unet_weights(make_model(), str(weights))
+    config.write_text(json.dumps({"unet_config": tw.toy_unet_config(context_dim=TOY_CONTEXT), "prediction": "eps"}))
+    common = ["--unet-config", str(config), "--unet-weights", str(weights), "--cpu", "--toy-encoders",
+              "--resolution", "32", "--lr", "1e-3", "--no-progress", "--no-masks", "--seed", "5"]
+    store = tmp_path / "pre"
+    assert main(common + ["--data", str(world["manifest"].path), "--precompute", str(store),
+                          "--precompute-caches", "--precompute-only"]) == 0
+    run = common + ["--data", str(store), "--steps", "3", "--save-every", "0"]
+
+    assert main(run + ["--output-dir", str(tmp_path / "one"), "--batch-size", "2"]) == 0
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "dreamcache_core.train", *run, "--output-dir", str(tmp_path / "two"), "--batch-size", "1"],
+        cwd=str(PACK_ROOT), capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    assert "2 process(es)" in launched.stdout
+
+    def losses(folder):
+        with open(folder / "train_log.csv") as handle:
+            return [(row["step"], row["samples"], float(row["loss"])) for row in csv.DictReader(handle)]
+
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [r[:2] for r in one] == [r[:2] for r in two] == [("1", "2"), ("2", "4"), ("3", "6")]
+    assert [r[2] for r in two] == pytest.approx([r[2] for r in one], rel=1e-5)
+    a = load_adapter(str(tmp_path / "one" / "dreamcache_adapter.safetensors")).state_dict()
+    b = load_adapter(str(tmp_path / "two" / "dreamcache_adapter.safetensors")).state_dict()
+    assert a.keys() == b.keys()
+    # The all-reduced gradient differs from the one-process gradient by float summation order only; AdamW
+    # divides by sqrt(v), which turns such noise on near-zero gradients into steps of up to lr. So: every
+    # weight within lr (1e-3), and all but a few in a thousand within 1e-6.
+    far = total = 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-3, rtol=0), name
+        far += int(((a[name] - b[name]).abs() > 1e-6).sum())
+        total += a[name].numel()
+    assert far / total < 0.005, f"{far} of {total} adapter weights differ by more than 1e-6"
