@@ -321,8 +321,6 @@ def main(argv=None) -> int:
     from .training_models import model_from_unet_config, save_unet_weights
 
     unet_config = tw.toy_unet_config(context_dim=32)
-    model = model_from_unet_config(unet_config, args.prediction, device="cpu",
-                                   initialise=lambda u: tw.initialise_unet(u, 0))
     weights = os.path.join(args.out, "toy_base_unet.safetensors")
     config_path = os.path.join(args.out, "toy_base_unet.json")
     # One base for every seed; kept on disk and reused by a later run with the same recipe.
@@ -342,6 +340,8 @@ def main(argv=None) -> int:
         log(f"  reusing the base pretrained by an earlier run with the same recipe: {weights} "
             "(--retrain-base to pretrain again)")
     else:
+        model = model_from_unet_config(unet_config, args.prediction, device="cpu",
+                                       initialise=lambda u: tw.initialise_unet(u, 0))
         pretrain_base(model, train_samples, special, args.base_steps, args.batch_size, args.base_lr, seed=0)
         save_unet_weights(model, weights)
         with open(config_path, "w") as handle:
