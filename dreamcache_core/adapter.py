@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import MemoryLayerSpec
+from .normal_tensors import normal_tensors
 
 AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]], torch.Tensor]
 
@@ -123,7 +124,8 @@ class DreamCacheAdapter(nn.Module):
     def __init__(self, specs: list[MemoryLayerSpec], signature: Optional[dict] = None, norm_folded: bool = True):
         super().__init__()
         self.specs = {spec.key: spec for spec in specs}
-        self.layers = nn.ModuleDict({_module_name(spec.key): MemoryAdapterLayer(spec) for spec in specs})
+        with normal_tensors():  # trainable even when a node builds it inside ComfyUI's inference mode
+            self.layers = nn.ModuleDict({_module_name(spec.key): MemoryAdapterLayer(spec) for spec in specs})
         self.signature = signature or {}
         self.norm_folded = norm_folded
 
@@ -230,5 +232,6 @@ def adapter_for_model(adapter: DreamCacheAdapter, model) -> DreamCacheAdapter:
     check_adapter_fits(adapter, model)
     if adapter.norm_folded:
         return adapter
-    folded = copy.deepcopy(adapter)
+    with normal_tensors():
+        folded = copy.deepcopy(adapter)
     return folded.fold_norms(memory_norm1(model))

@@ -21,6 +21,7 @@ import torch
 
 from .adapter import DreamCacheAdapter
 from .layers import MemoryLayerSpec, describe_layers
+from .normal_tensors import normal_tensors
 
 FORMAT_NAME = "adapter"
 FORMAT_VERSION = "1"
@@ -74,7 +75,15 @@ def save_adapter(adapter: DreamCacheAdapter, path: str, extra_metadata: Optional
 
 def load_adapter(path: str, base_model=None) -> DreamCacheAdapter:
     """Load an adapter file: our .safetensors, or the authors' .pt (needs ``base_model`` to fold LN_m,
-    or leaves it unfolded for ``fold_norms`` later when ``base_model`` is None)."""
+    or leaves it unfolded for ``fold_norms`` later when ``base_model`` is None).
+
+    The adapter holds normal tensors even when loaded inside ComfyUI's inference mode, so it can be trained from.
+    """
+    with normal_tensors():
+        return _load_adapter_file(path, base_model)
+
+
+def _load_adapter_file(path: str, base_model) -> DreamCacheAdapter:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Adapter file not found: {path}")
     lower = path.lower()

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import describe_layers, MemoryLayerSpec
+from .normal_tensors import as_normal, normal_tensors
 
 FORMAT_NAME = "cache"
 FORMAT_VERSION = "1"
@@ -46,8 +47,12 @@ class DreamCache:
     reference_weights: Optional[list] = None  # relative weight per reference, or None = all equal
 
     def __post_init__(self):
-        self.features = {k: v.detach().to("cpu", STORAGE_DTYPE).contiguous() for k, v in self.features.items()}
-        self.token_masks = {k: v.detach().to("cpu", torch.bool).contiguous() for k, v in self.token_masks.items()}
+        # Normal tensors even when encoded inside ComfyUI's inference mode: a cache may be trained from later.
+        with normal_tensors():
+            self.features = {k: as_normal(v.detach().to("cpu", STORAGE_DTYPE)).contiguous()
+                             for k, v in self.features.items()}
+            self.token_masks = {k: as_normal(v.detach().to("cpu", torch.bool)).contiguous()
+                                for k, v in self.token_masks.items()}
         if self.reference_weights is not None:
             self.reference_weights = check_reference_weights(self.reference_weights, self.num_references)
         self._materialized: dict = {}
@@ -72,20 +77,26 @@ class DreamCache:
 
         Moved to ``device``/``dtype`` once and kept: repeated calls (every sampling step) reuse it.
         """
-        memo_key = (key, str(device), dtype)
-        cached = self._materialized.get(memo_key)
-        if cached is not None:
-            return cached
-        features = self.features[key]
-        tokens = features.flatten(2).transpose(1, 2)  # [N, h*w, C]
-        mask = self.token_masks.get(key)
-        if mask is not None:
-            tokens = tokens[mask]  # [sum of subject tokens, C]
-        else:
-            tokens = tokens.reshape(-1, tokens.shape[-1])
-        tokens = tokens.unsqueeze(0).to(device=device, dtype=dtype or torch.float32)
-        self._materialized[memo_key] = tokens
-        return tokens
+        def build():
+            tokens = self.features[key].flatten(2).transpose(1, 2)  # [N, h*w, C]
+            mask = self.token_masks.get(key)
+            if mask is not None:
+                tokens = tokens[mask]  # [sum of subject tokens, C]
+            else:
+                tokens = tokens.reshape(-1, tokens.shape[-1])
+            return tokens.unsqueeze(0).to(device=device, dtype=dtype or torch.float32)
+
+        return self._memoised((key, str(device), dtype), build)
+
+    def _memoised(self, memo_key, build):
+        """``build()``'s result, made once per ``memo_key`` from normal tensors (see ``normal_tensors``): the
+        device copies are made during sampling, inside ComfyUI's inference mode, and may be used for training."""
+        found = self._materialized.get(memo_key)
+        if found is None:
+            with normal_tensors():
+                found = build()
+            self._materialized[memo_key] = found
+        return found
 
     def token_counts(self, key: str) -> list[int]:
         """Number of memory tokens each reference contributes to layer ``key``."""
@@ -105,27 +116,23 @@ class DreamCache:
         weights = self.reference_weights if weights is None else check_reference_weights(weights, self.num_references)
         if weights is None or len(set(weights)) == 1:
             return self.memory_tokens(key, device, dtype), None
-        memo_key = ("weighted", key, tuple(weights), str(device), dtype)
-        cached = self._materialized.get(memo_key)
-        if cached is not None:
-            return cached
-        total = sum(weights)
-        counts = self.token_counts(key)
-        keep = [i for i, w in enumerate(weights) if w > 0]
-        tokens = self.memory_tokens(key, device, dtype)
-        if len(keep) < len(weights):
-            starts = [sum(counts[:i]) for i in range(len(counts))]
-            index = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in keep])
-            tokens = tokens[:, index.to(tokens.device)]
-        kept_weights = [weights[i] for i in keep]
-        if len(set(kept_weights)) == 1:
-            bias = None
-        else:
+
+        def build():
+            total = sum(weights)
+            counts = self.token_counts(key)
+            keep = [i for i, w in enumerate(weights) if w > 0]
+            tokens = self.memory_tokens(key, device, dtype)
+            if len(keep) < len(weights):
+                starts = [sum(counts[:i]) for i in range(len(counts))]
+                index = torch.cat([torch.arange(starts[i], starts[i] + counts[i]) for i in keep])
+                tokens = tokens[:, index.to(tokens.device)]
+            kept_weights = [weights[i] for i in keep]
+            if len(set(kept_weights)) == 1:
+                return tokens, None
             bias = torch.cat([torch.full((counts[i],), math.log(weights[i] / total)) for i in keep])
-            bias = bias.unsqueeze(0).to(device=device, dtype=dtype or torch.float32)
-        found = (tokens, bias)
-        self._materialized[memo_key] = found
-        return found
+            return tokens, bias.unsqueeze(0).to(device=device, dtype=dtype or torch.float32)
+
+        return self._memoised(("weighted", key, tuple(weights), str(device), dtype), build)
 
     def per_reference_tokens(self, key: str, device=None, dtype=None):
         """One memory per reference: (tokens [N, Lmax, C], key_mask [N, Lmax] bool or None).
@@ -133,31 +140,25 @@ class DreamCache:
         References with fewer subject tokens than the longest are padded with zeros; the key mask
         (True = attend) hides the padding. It is None when no reference needs padding.
         """
-        memo_key = ("per_reference", key, str(device), dtype)
-        cached = self._materialized.get(memo_key)
-        if cached is not None:
-            return cached
-        features = self.features[key]
-        tokens = features.flatten(2).transpose(1, 2)  # [N, h*w, C]
-        mask = self.token_masks.get(key)
-        key_mask = None
-        if mask is not None:
-            counts = self.token_counts(key)
-            longest = max(counts)
-            padded = tokens.new_zeros(tokens.shape[0], longest, tokens.shape[2])
-            key_mask = torch.zeros(tokens.shape[0], longest, dtype=torch.bool)
-            for i, count in enumerate(counts):
-                padded[i, :count] = tokens[i][mask[i]]
-                key_mask[i, :count] = True
-            tokens = padded
-            if bool(key_mask.all()):
-                key_mask = None
-        tokens = tokens.to(device=device, dtype=dtype or torch.float32)
-        if key_mask is not None:
-            key_mask = key_mask.to(device)
-        found = (tokens, key_mask)
-        self._materialized[memo_key] = found
-        return found
+        def build():
+            tokens = self.features[key].flatten(2).transpose(1, 2)  # [N, h*w, C]
+            mask = self.token_masks.get(key)
+            key_mask = None
+            if mask is not None:
+                counts = self.token_counts(key)
+                longest = max(counts)
+                padded = tokens.new_zeros(tokens.shape[0], longest, tokens.shape[2])
+                key_mask = torch.zeros(tokens.shape[0], longest, dtype=torch.bool)
+                for i, count in enumerate(counts):
+                    padded[i, :count] = tokens[i][mask[i]]
+                    key_mask[i, :count] = True
+                tokens = padded
+                if bool(key_mask.all()):
+                    key_mask = None
+            tokens = tokens.to(device=device, dtype=dtype or torch.float32)
+            return tokens, None if key_mask is None else key_mask.to(device)
+
+        return self._memoised(("per_reference", key, str(device), dtype), build)
 
     def select(self, indices: Sequence[int]) -> "DreamCache":
         """A cache of the references ``indices`` only (features, token masks and weights follow)."""

@@ -461,7 +461,15 @@ def image_file_name(job: Job, prompt_index: int, image_index: int) -> str:
 
 def run(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], None] = print,
         adapter=None) -> dict:
-    """Generate every image of ``settings`` into ``out_dir``; write and return the settings record."""
+    """Generate every image of ``settings`` into ``out_dir``; write and return the settings record.
+
+    Runs inside ``torch.inference_mode()``, as ComfyUI's executor runs a prompt's nodes.
+    """
+    with torch.inference_mode():
+        return _generate_all(pipeline, settings, out_dir, log, adapter)
+
+
+def _generate_all(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], None], adapter) -> dict:
     from .adapter_io import load_adapter
     from .cache import load_cache, save_cache
 

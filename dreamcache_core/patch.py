@@ -27,6 +27,7 @@ import torch
 from .adapter import DreamCacheAdapter, multihead_attention
 from .cache import DreamCache, check_reference_weights
 from .controls import REFERENCE_MODES, prepare_region_mask, region_token_weights, token_grid
+from .normal_tensors import normal_tensors, parameters_state
 
 POSITIVE_CHUNK = 0  # index of the positive cond list in KSampler's cond_or_uncond
 
@@ -128,14 +129,15 @@ class DreamCacheInjection:
             tokens, key_mask = self._memory_tokens(key, device, dtype)
             k, v = layer.project_memory(tokens, weights)
             return weights, k, v, key_mask
-        version = tuple(p._version for p in layer.parameters())
+        state = parameters_state(layer)
         memo_key = (key, str(device), dtype)
         found = self._memo.get(memo_key)
-        if found is None or found[0] != version:
-            weights = {k: t.detach() for k, t in layer.runtime_weights(dtype, device).items()}
-            tokens, key_mask = self._memory_tokens(key, device, dtype)
-            k, v = layer.project_memory(tokens, weights)
-            found = (version, weights, k, v, key_mask)
+        if found is None or found[0] != state:
+            with normal_tensors():  # usable outside the prompt's inference mode too
+                weights = {k: t.detach() for k, t in layer.runtime_weights(dtype, device).items()}
+                tokens, key_mask = self._memory_tokens(key, device, dtype)
+                k, v = layer.project_memory(tokens, weights)
+            found = (state, weights, k, v, key_mask)
             self._memo[memo_key] = found
         return found[1], found[2], found[3], found[4]
 
@@ -148,7 +150,8 @@ class DreamCacheInjection:
         memo_key = (height, width, str(device))
         found = self._region_memo.get(memo_key)
         if found is None:
-            found = region_token_weights(self.region_mask, height, width).to(device)
+            with normal_tensors():  # may be saved for backward when training through a region
+                found = region_token_weights(self.region_mask, height, width).to(device)
             self._region_memo[memo_key] = found
         return found
 

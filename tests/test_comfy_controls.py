@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tiny_models import sdxl_text_conditioning, text_conditioning, tiny_sd15_model, tiny_sdxl_model
+from run_as_comfyui import in_prompt, run_node
 
 LATENT = 8     # 8x8 latents (64 px) unless a test needs finer token grids
 STEPS = 2
@@ -24,7 +25,7 @@ def sd15():
     unet = model.model.diffusion_model
     specs = discover_memory_layers(unet)
     references = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    caches = [DreamCacheEncode().encode(model, {"samples": references[i:i + 1]}, text_conditioning(0), seed=0)[0]
+    caches = [run_node(DreamCacheEncode, model, {"samples": references[i:i + 1]}, text_conditioning(0), seed=0)[0]
               for i in range(2)]
     trained = build_adapter(specs, model_signature(unet)).randomize_(seed=7, scale=0.5)
     return {"model": model, "unet": unet, "specs": specs, "caches": caches, "trained": trained,
@@ -53,8 +54,8 @@ def run_guider(guider, noise, steps=STEPS):
 
     model_sampling = guider.model_patcher.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", steps)
-    out, _ = SamplerCustomAdvanced().sample(FixedNoise(noise), guider, comfy.samplers.sampler_object("euler"), sigmas,
-                                            {"samples": torch.zeros_like(noise)})
+    out, _ = run_node(SamplerCustomAdvanced, FixedNoise(noise), guider, comfy.samplers.sampler_object("euler"), sigmas,
+                      {"samples": torch.zeros_like(noise)})
     return out["samples"]
 
 
@@ -69,13 +70,13 @@ def cfg_sample(model, positive, negative, noise, cfg=5.0, steps=STEPS):
 
 def apply(model, adapter, cache, strength=1.0, apply_to="positive only", **optional):
     from comfyui_dreamcache.nodes.apply import DreamCacheApply
-    (patched,) = DreamCacheApply().apply(model, adapter, cache, strength, 0.0, 1.0, apply_to, **optional)
+    (patched,) = run_node(DreamCacheApply, model, adapter, cache, strength, 0.0, 1.0, apply_to, **optional)
     return patched
 
 
 def guider_node(model, adapter, cache, positive, negative, text_cfg, image_cfg, **optional):
     from comfyui_dreamcache.nodes.guider import DreamCacheGuider
-    (guider,) = DreamCacheGuider().get_guider(model, adapter, cache, positive, negative, text_cfg, image_cfg, **optional)
+    (guider,) = run_node(DreamCacheGuider, model, adapter, cache, positive, negative, text_cfg, image_cfg, **optional)
     return guider
 
 
@@ -93,7 +94,8 @@ def prediction_at(guider, noise):
             return latent_image
 
     sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), "normal", 4)
-    guider.sample(noise, torch.zeros_like(noise), Probe(), sigmas, disable_pbar=True, seed=0)
+    with in_prompt():
+        guider.sample(noise, torch.zeros_like(noise), Probe(), sigmas, disable_pbar=True, seed=0)
     return seen["x0"]
 
 
@@ -191,12 +193,12 @@ def test_one_image_combined_twice_equals_once_and_weight_errors(sd15):
     positive, negative = sd15["positive"], sd15["negative"]
     noise = noise_for()
     once = cfg_sample(apply(model, trained, cache), positive, negative, noise)
-    (twice,) = DreamCacheCombine().combine(cache, cache, 0.3, 0.7)
+    (twice,) = run_node(DreamCacheCombine, cache, cache, 0.3, 0.7)
     assert twice.num_references == 2
     assert_close(cfg_sample(apply(model, trained, twice), positive, negative, noise), once)
     reweighted = apply(model, trained, twice, reference_weights="0.9, 0.1")
     assert_close(cfg_sample(reweighted, positive, negative, noise), once)
-    (both,) = DreamCacheCombine().combine(cache, sd15["caches"][1], 1.0, 1.0)
+    (both,) = run_node(DreamCacheCombine, cache, sd15["caches"][1], 1.0, 1.0)
     leaning = cfg_sample(apply(model, trained, both, reference_weights="1, 0"), positive, negative, noise)
     assert_close(leaning, once)
     mixed = cfg_sample(apply(model, trained, both), positive, negative, noise)
@@ -307,7 +309,7 @@ def test_one_reference_per_image_gives_image_i_from_reference_i(sd15):
     masks = torch.zeros(4, 64, 64)
     for i, side in enumerate((64, 48, 32, 56)):  # subjects of different sizes: different token counts
         masks[i, :side, :side] = 1
-    (cache,) = DreamCacheEncode().encode(model, references, text_conditioning(0), seed=1, mask=masks)
+    (cache,) = run_node(DreamCacheEncode, model, references, text_conditioning(0), seed=1, mask=masks)
     counts = cache.token_counts("output_blocks.10.1")
     assert len(set(counts)) == 4, counts
     noise = noise_for(batch=4)
@@ -337,7 +339,7 @@ def sdxl():
     unet = model.model.diffusion_model
     specs = discover_memory_layers(unet)
     reference = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))}
-    (cache,) = DreamCacheEncode().encode(model, reference, sdxl_text_conditioning(0), seed=0)
+    (cache,) = run_node(DreamCacheEncode, model, reference, sdxl_text_conditioning(0), seed=0)
     return {"model": model, "unet": unet, "specs": specs, "cache": cache,
             "trained": build_adapter(specs, model_signature(unet)).randomize_(seed=7, scale=0.5),
             "fresh": build_adapter(specs, model_signature(unet)),

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tiny_models import ksample, text_conditioning, tiny_sd15_model
+from run_as_comfyui import run_node
 
 SIDE = 64  # pixels: an 8x8 latent
 
@@ -131,7 +132,7 @@ def test_generation_from_a_saved_cache_is_the_stock_ksampler_path(setup, tmp_pat
     generated = read_png(out / record["images"][0]["file"])
 
     # the same image from the nodes: Apply DreamCache + the stock KSampler (common_ksampler), same seed
-    (personalised,) = DreamCacheApply().apply(model, setup["adapter"], cache, 1.0, 0.0, 1.0, "positive only")
+    (personalised,) = run_node(DreamCacheApply, model, setup["adapter"], cache, 1.0, 0.0, 1.0, "positive only")
     samples = ksample(personalised, pipeline.encode_text("a toy"), pipeline.encode_text(""),
                       torch.zeros(1, 4, SIDE // 8, SIDE // 8), seed=11, steps=2, cfg=5.0)
     expected = generate.image_to_pil(pipeline.decode(samples)[0])

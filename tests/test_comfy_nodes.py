@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from run_as_comfyui import run_node
 from tiny_models import text_conditioning, tiny_sd15_model
 
 
@@ -30,9 +31,6 @@ def env(tmp_path_factory):
     folder_paths.set_output_directory(previous_output)
 
 
-def call(node_class, **inputs):
-    node = node_class()
-    return getattr(node, node_class.FUNCTION)(**inputs)
 
 
 def check_types(node_class, outputs):
@@ -74,20 +72,20 @@ def test_loader_encode_apply_save_load_chain(env):
     nodes, model = env["nodes"], env["model"]
     names = nodes["DreamCacheAdapterLoader"].INPUT_TYPES()["required"]["adapter_name"][0]
     assert "tiny_dreamcache.safetensors" in names
-    loaded = call(nodes["DreamCacheAdapterLoader"], adapter_name="tiny_dreamcache.safetensors")
+    loaded = run_node(nodes["DreamCacheAdapterLoader"], adapter_name="tiny_dreamcache.safetensors")
     check_types(nodes["DreamCacheAdapterLoader"], loaded)
     reference = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
-    encoded = call(nodes["DreamCacheEncode"], model=model, reference=reference, conditioning=text_conditioning(0), seed=3)
+    encoded = run_node(nodes["DreamCacheEncode"], model=model, reference=reference, conditioning=text_conditioning(0), seed=3)
     check_types(nodes["DreamCacheEncode"], encoded)
-    applied = call(nodes["DreamCacheApply"], model=model, adapter=loaded[0], cache=encoded[0], strength=0.8,
+    applied = run_node(nodes["DreamCacheApply"], model=model, adapter=loaded[0], cache=encoded[0], strength=0.8,
                    start_percent=0.0, end_percent=1.0, apply_to="positive only")
     check_types(nodes["DreamCacheApply"], applied)
     assert applied[0] is not model and applied[0].model is model.model
-    saved = call(nodes["DreamCacheSave"], cache=encoded[0], filename_prefix="dreamcache/ref")
+    saved = run_node(nodes["DreamCacheSave"], cache=encoded[0], filename_prefix="dreamcache/ref")
     filename = saved["ui"]["dreamcache"][0]["filename"]
     listed = nodes["DreamCacheLoad"].INPUT_TYPES()["required"]["cache_name"][0]
     assert filename in listed
-    reloaded = call(nodes["DreamCacheLoad"], cache_name=filename)
+    reloaded = run_node(nodes["DreamCacheLoad"], cache_name=filename)
     check_types(nodes["DreamCacheLoad"], reloaded)
     for key in encoded[0].keys:
         assert torch.equal(reloaded[0].features[key], encoded[0].features[key])
@@ -96,4 +94,45 @@ def test_loader_encode_apply_save_load_chain(env):
 
 def test_broken_adapter_file_gives_advice(env):
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        call(env["nodes"]["DreamCacheAdapterLoader"], adapter_name="broken.safetensors")
+        run_node(env["nodes"]["DreamCacheAdapterLoader"], adapter_name="broken.safetensors")
+
+
+def test_nodes_of_one_prompt_sample_and_their_outputs_train_afterwards(env):
+    """Loader -> Encode -> Apply -> KSampler as one prompt runs them (each node inside inference mode), twice;
+    then the loaded adapter and the encoded cache are trained from outside inference mode, and the next prompt
+    sees the trained weights (the memoised memory keys/values follow the parameters)."""
+    from comfyui_dreamcache.dreamcache_core.training_loss import LossRow, denoising_losses
+    from tiny_models import ksample
+
+    nodes, model = env["nodes"], env["model"]
+    (adapter,) = run_node(nodes["DreamCacheAdapterLoader"], adapter_name="tiny_dreamcache.safetensors")
+    reference = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
+    (cache,) = run_node(nodes["DreamCacheEncode"], model, reference, text_conditioning(0), 3)
+    (patched,) = run_node(nodes["DreamCacheApply"], model, adapter, cache, 1.0, 0.0, 1.0, "positive only")
+    latent = torch.zeros(1, 4, 8, 8)
+
+    def sample(m):
+        return ksample(m, text_conditioning(1), text_conditioning(2), latent, seed=5, steps=2)
+
+    plain, personalised = sample(model), sample(patched)
+    assert torch.isfinite(personalised).all()
+    assert (personalised - plain).abs().max() > 1e-3, "the loaded (random) adapter changed nothing"
+    assert torch.equal(sample(patched), personalised), "a second prompt with the memoised memory K/V differs"
+
+    assert not any(p.is_inference() for p in adapter.parameters()), "the loader made inference-tensor parameters"
+    assert not any(t.is_inference() for t in cache.features.values()), "Encode cached inference tensors"
+    adapter.requires_grad_(True)
+    optimizer = torch.optim.SGD(adapter.parameters(), lr=0.5)
+    generator = torch.Generator().manual_seed(7)
+    row = LossRow(latent=torch.randn(4, 8, 8, generator=generator), noise=torch.randn(4, 8, 8, generator=generator),
+                  sigma=3.0, cond=text_conditioning(4)[0][0][0], pooled=None, cache=cache)
+    loss = denoising_losses(model, adapter, [row]).mean()
+    loss.backward()
+    gradients = [p.grad for p in adapter.parameters() if p.grad is not None]
+    assert gradients and all(torch.isfinite(g).all() for g in gradients)
+    assert sum(float(g.abs().sum()) for g in gradients) > 0
+    optimizer.step()
+    adapter.requires_grad_(False)
+    after_training = sample(patched)
+    assert not torch.equal(after_training, personalised), "the next prompt still used the memory K/V of the old weights"
+    assert torch.isfinite(after_training).all()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tiny_models import ksample, text_conditioning, tiny_sd15_model
+from run_as_comfyui import run_node
 
 LATENT = 16  # 16x16 latent = 128 px image
 
@@ -23,7 +24,7 @@ def setup():
     unet = model.model.diffusion_model
     specs = discover_memory_layers(unet)
     reference = {"samples": torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(5))}
-    (cache,) = DreamCacheEncode().encode(model, reference, text_conditioning(0), seed=0)
+    (cache,) = run_node(DreamCacheEncode, model, reference, text_conditioning(0), seed=0)
     fresh = build_adapter(specs, model_signature(unet))
     trained = build_adapter(specs, model_signature(unet)).randomize_(seed=7, scale=0.5)
     return {"model": model, "unet": unet, "specs": specs, "cache": cache, "fresh": fresh, "trained": trained,
@@ -85,8 +86,8 @@ def test_lora_style_weight_patch_changes_the_cache_and_is_undone(setup):
     weight = model.model.state_dict()[key]
     lora = model.clone()
     lora.add_patches({key: (0.2 * torch.ones_like(weight),)}, 1.0)
-    (with_lora,) = DreamCacheEncode().encode(lora, setup["reference"], text_conditioning(0), seed=0)
-    (again,) = DreamCacheEncode().encode(model, setup["reference"], text_conditioning(0), seed=0)
+    (with_lora,) = run_node(DreamCacheEncode, lora, setup["reference"], text_conditioning(0), seed=0)
+    (again,) = run_node(DreamCacheEncode, model, setup["reference"], text_conditioning(0), seed=0)
     for k in setup["cache"].keys:
         assert not torch.equal(with_lora.features[k], setup["cache"].features[k])
         assert torch.equal(again.features[k], setup["cache"].features[k])
@@ -168,11 +169,11 @@ def test_mismatched_adapter_cache_and_latent_fail_with_advice(setup):
     other_adapter = build_adapter(discover_memory_layers(other_unet), model_signature(other_unet))
     with pytest.raises(ValueError, match="another base model"):
         apply(setup, other_adapter)
-    (other_cache,) = DreamCacheEncode().encode(other, setup["reference"], [[torch.randn(1, 4, 64), {}]], seed=0)
+    (other_cache,) = run_node(DreamCacheEncode, other, setup["reference"], [[torch.randn(1, 4, 64), {}]], seed=0)
     with pytest.raises(ValueError, match="encoded on another model"):
         setup["apply"].apply(setup["model"], setup["trained"], other_cache, 1.0, 0.0, 1.0, "positive only")
     with pytest.raises(ValueError, match="4-channel latents"):
-        DreamCacheEncode().encode(setup["model"], {"samples": torch.randn(1, 16, 8, 8)}, text_conditioning(0), 0)
+        run_node(DreamCacheEncode, setup["model"], {"samples": torch.randn(1, 16, 8, 8)}, text_conditioning(0), 0)
     with pytest.raises(ValueError, match="start_percent"):
         apply(setup, setup["trained"], start=0.8, end=0.2)
 
@@ -181,12 +182,12 @@ def test_encode_with_mask_keeps_subject_tokens_only(setup):
     from comfyui_dreamcache.nodes.encode import DreamCacheEncode
     mask = torch.zeros(1, 128, 128)
     mask[:, 32:96, 32:96] = 1
-    (masked,) = DreamCacheEncode().encode(setup["model"], setup["reference"], text_conditioning(0), 0, mask=mask)
+    (masked,) = run_node(DreamCacheEncode, setup["model"], setup["reference"], text_conditioning(0), 0, mask=mask)
     tokens = masked.memory_tokens("output_blocks.10.1", "cpu", torch.float32)
     assert tokens.shape == (1, 8 * 8, 32)
     assert masked.token_masks["output_blocks.10.1"].view(16, 16)[4:12, 4:12].all()
     with pytest.raises(ValueError, match="empty"):
-        DreamCacheEncode().encode(setup["model"], setup["reference"], text_conditioning(0), 0, mask=torch.zeros(1, 64, 64))
+        run_node(DreamCacheEncode, setup["model"], setup["reference"], text_conditioning(0), 0, mask=torch.zeros(1, 64, 64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -197,12 +198,12 @@ def test_half_precision_models_encode_and_sample(setup, dtype):
     model = tiny_sd15_model(seed=0, dtype=dtype)
     unet = model.model.diffusion_model
     assert next(unet.parameters()).dtype == dtype
-    (cache,) = DreamCacheEncode().encode(model, setup["reference"], text_conditioning(0), seed=0)
+    (cache,) = run_node(DreamCacheEncode, model, setup["reference"], text_conditioning(0), seed=0)
     assert all(torch.isfinite(v.float()).all() for v in cache.features.values())
-    (patched,) = DreamCacheApply().apply(model, setup["trained"], cache, 1.0, 0.0, 1.0, "positive only")
+    (patched,) = run_node(DreamCacheApply, model, setup["trained"], cache, 1.0, 0.0, 1.0, "positive only")
     plain, personal = sample(model), sample(patched)
     assert torch.isfinite(personal).all() and (personal - plain).abs().max() > 1e-3
-    (fresh_model,) = DreamCacheApply().apply(model, build_adapter(setup["specs"]), cache, 1.0, 0.0, 1.0, "positive only")
+    (fresh_model,) = run_node(DreamCacheApply, model, build_adapter(setup["specs"]), cache, 1.0, 0.0, 1.0, "positive only")
     assert torch.equal(sample(fresh_model), plain)
 
 

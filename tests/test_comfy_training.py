@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tiny_models import initialise_seeded, ksample
+from run_as_comfyui import run_node
 
 N_SAMPLES = 6
 TOY_CONTEXT = 32
@@ -265,7 +266,7 @@ def test_saved_adapter_loads_in_apply_and_changes_the_output(world, tmp_path):
     adapter = load_adapter(path)
     assert adapter.keys() == trainer.adapter.keys()
     cache = reference_cache(model, source.prepared(0), 0, source.special())
-    (patched,) = DreamCacheApply().apply(model, adapter, cache, 1.0, 0.0, 1.0, "positive only")
+    (patched,) = run_node(DreamCacheApply, model, adapter, cache, 1.0, 0.0, 1.0, "positive only")
     cond, _ = source.text_encoder("a ring")
     empty, _ = source.text_encoder("")
     positive, negative = [[cond[None], {}]], [[empty[None], {}]]
@@ -273,7 +274,7 @@ def test_saved_adapter_loads_in_apply_and_changes_the_output(world, tmp_path):
     plain = ksample(model, positive, negative, latent, seed=1, steps=3)
     personalised = ksample(patched, positive, negative, latent, seed=1, steps=3)
     assert not torch.allclose(plain, personalised)
-    (same,) = DreamCacheApply().apply(model, adapter, cache, 0.0, 0.0, 1.0, "positive only")
+    (same,) = run_node(DreamCacheApply, model, adapter, cache, 0.0, 0.0, 1.0, "positive only")
     assert torch.equal(ksample(same, positive, negative, latent, seed=1, steps=3), plain)
 
 

@@ -151,3 +151,46 @@ def test_two_injections_stack_without_sharing_state():
         expected = direct_adapter(second, n, direct_adapter(first, n, a1))
     torch.testing.assert_close(out, expected)
     assert not math.isnan(float(out.sum()))
+
+
+def test_memory_kv_memo_under_inference_mode_no_grad_and_training(tmp_path):
+    """ComfyUI runs prompts in inference mode: an adapter loaded and a cache encoded there, the memo of the memory
+    K/V filled there, then the same objects used with no_grad and with gradients (training from them)."""
+    from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter, save_adapter
+
+    path = str(tmp_path / "adapter.safetensors")
+    save_adapter(build_adapter(TINY_SPECS, TINY_SIGNATURE).randomize_(seed=3), path)
+    features = {s.key: random_tensor(1, s.channels, 4, 4, seed=i) for i, s in enumerate(TINY_SPECS)}
+    with torch.inference_mode():  # what the loader, Encode and Apply nodes see
+        adapter = load_adapter(path)
+        cache = DreamCache(features, {}, {"signature": TINY_SIGNATURE})
+        injection = DreamCacheInjection(adapter, cache, 1.0)
+        first = injection.layer_memory(SPEC.key, "cpu", torch.float32)
+        again = injection.layer_memory(SPEC.key, "cpu", torch.float32)
+        a1, in_prompt, n = run_block(injection)
+    assert all(x is y for x, y in zip(first[1:3], again[1:3])), "the memo was not reused inside inference mode"
+    assert not any(p.is_inference() for p in adapter.parameters())
+    assert not any(t.is_inference() for t in cache.features.values())
+    assert not any(t.is_inference() for t in first[1:3])
+
+    with torch.no_grad():  # outside the prompt, weights untouched: the same memo
+        assert injection.layer_memory(SPEC.key, "cpu", torch.float32)[1] is first[1]
+        torch.testing.assert_close(run_block(injection)[1], in_prompt, rtol=0, atol=0)
+
+    # training: gradients through the memory of a cache encoded in inference mode
+    adapter.requires_grad_(True)
+    _, out, _ = run_block(injection)
+    out.square().mean().backward()
+    layer = adapter.layer(SPEC.key)
+    assert layer.to_k.weight.grad is not None and layer.to_k.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.to_k.weight.add_(0.1)  # an optimizer step, in place
+    adapter.requires_grad_(False)
+
+    with torch.inference_mode():  # the next prompt sees the new weights, not the stale memo
+        refreshed = injection.layer_memory(SPEC.key, "cpu", torch.float32)
+        _, after, _ = run_block(injection)
+    assert refreshed[1] is not first[1]
+    expected_k, _ = layer.project_memory(cache.memory_tokens(SPEC.key, "cpu", torch.float32))
+    torch.testing.assert_close(refreshed[1], expected_k.detach())
+    assert (after - in_prompt).abs().max() > 1e-4

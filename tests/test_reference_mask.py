@@ -273,8 +273,8 @@ def test_pick_best_mask_prefers_a_central_object_over_the_whole_image():
 
 def run_mask_reference(**inputs):
     from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
-    node_class = DreamCacheMaskReference
-    return getattr(node_class(), node_class.FUNCTION)(**inputs)
+    from run_as_comfyui import run_node
+    return run_node(DreamCacheMaskReference, **inputs)
 
 
 def test_mask_reference_node_declaration(comfy):

@@ -199,7 +199,8 @@ def test_segment_subject_end_to_end_with_a_random_vit_b(random_vit_b_state_dict)
 # --------------------------------------------------------------------------
 
 def call_node(node_class, **inputs):
-    return getattr(node_class(), node_class.FUNCTION)(**inputs)
+    from run_as_comfyui import run_node
+    return run_node(node_class, **inputs)
 
 
 @pytest.fixture

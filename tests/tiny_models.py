@@ -48,11 +48,13 @@ def text_conditioning(seed: int, tokens: int = 8, batch: int = 1):
 
 
 def ksample(model, positive, negative, latent, seed=0, steps=3, cfg=5.0, sampler="euler", scheduler="normal"):
-    """The stock KSampler node's own code path."""
+    """The stock KSampler node, run as ComfyUI's executor runs it (validated inputs, inference mode)."""
     import nodes as comfy_nodes
 
-    (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative,
-                                         {"samples": latent}, denoise=1.0)
+    from run_as_comfyui import run_node
+
+    (out,) = run_node(comfy_nodes.KSampler, model, seed, steps, cfg, sampler, scheduler, positive, negative,
+                      {"samples": latent}, denoise=1.0)
     return out["samples"]
 
 
