@@ -9,23 +9,13 @@ that base directory, on the CPU. The test then reads what the frontend reads:
 the example workflows, and the server log shows the pack imported cleanly.
 """
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import PACK_ROOT, comfyui_path
+from comfy_server import PACK_FOLDER_NAME, new_base_directory, running_server, tracebacks
+from conftest import PACK_ROOT
 
-PACK_FOLDER_NAME = "ComfyUI-DreamCache"
-HOST = "127.0.0.1"
-STARTUP_TIMEOUT_S = 180
 CATEGORY = "DreamCache"
 
 # DESIGN.md section 4: required inputs (name -> type; "COMBO" for a list of choices), optional inputs, outputs.
@@ -50,103 +40,12 @@ NODE_CONTRACT = {
 }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def get_json(url: str, timeout: float = 10.0):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read().decode("utf-8"))
-
-
-def wait_for_object_info(process, base_url: str, log_path: Path):
-    """/object_info once the server answers; None if the process ended first. Fails after STARTUP_TIMEOUT_S."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return None
-        try:
-            return get_json(f"{base_url}/object_info", timeout=30.0)
-        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
-            time.sleep(1.0)
-    pytest.fail(f"ComfyUI did not answer /object_info within {STARTUP_TIMEOUT_S} s. Log:\n{tail(log_path)}")
-
-
-def tail(log_path: Path, lines: int = 80) -> str:
-    return "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-
-
-def tracebacks(log: str):
-    """Each traceback in the log with the message lines that follow it."""
-    return re.findall(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)*.*", log)
-
-
-def stop(process):
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=20)
-
-
-class Server:
-    def __init__(self, base_url: str, object_info: dict, log_path: Path):
-        self.base_url, self.object_info, self.log_path = base_url, object_info, log_path
-
-    def get(self, path: str):
-        return get_json(self.base_url + path)
-
-    def log(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A running ComfyUI server with the pack installed (stopped after this module's tests)."""
-    comfy = comfyui_path()
-    if comfy is None:
-        pytest.skip("COMFYUI_PATH is not set: this test needs a ComfyUI checkout")
-    if not (comfy / "main.py").is_file():
-        pytest.fail(f"COMFYUI_PATH={comfy} is not a ComfyUI checkout (no main.py)")
     root = tmp_path_factory.mktemp("comfyui")
-    base = root / "base"
-    (base / "custom_nodes").mkdir(parents=True)
-    (base / "custom_nodes" / PACK_FOLDER_NAME).symlink_to(PACK_ROOT, target_is_directory=True)
-    port = free_port()
-    base_url = f"http://{HOST}:{port}"
-    command = [
-        sys.executable, str(comfy / "main.py"),
-        "--cpu", "--use-pytorch-cross-attention",
-        "--listen", HOST, "--port", str(port),
-        "--base-directory", str(base),  # models, custom_nodes, input, output, temp, user all under tmp
-        "--database-url", "sqlite:///:memory:",  # the default database lives inside the checkout
-        "--disable-auto-launch",
-        # Only this pack, even if an extra_model_paths.yaml adds other custom_nodes folders.
-        "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER_NAME,
-    ]
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
-    log_path = root / "server.log"
-    with open(log_path, "w", encoding="utf-8") as log_file:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-        try:
-            object_info = wait_for_object_info(process, base_url, log_path)
-            if object_info is None:
-                log = log_path.read_text(encoding="utf-8", errors="replace")
-                missing = re.findall(r"ModuleNotFoundError: No module named '([^']+)'", log)
-                if missing and PACK_FOLDER_NAME not in log:
-                    pytest.skip(f"ComfyUI at {comfy} stops before loading any custom node: this Python lacks the "
-                                f"module {missing[-1]!r} that ComfyUI imports (install ComfyUI's requirements.txt, "
-                                f"and 'requests', which its server imports without listing it). "
-                                f"Log:\n{tail(log_path, 15)}")
-                pytest.fail(f"ComfyUI exited with code {process.returncode} before serving. Log:\n{tail(log_path)}")
-            yield Server(base_url, object_info, log_path)
-        finally:
-            stop(process)
+    with running_server(root, new_base_directory(root)) as running:
+        yield running
 
 
 def test_server_lists_the_contract_nodes_in_category_dreamcache(server):
@@ -199,3 +98,20 @@ def test_server_lists_the_example_workflows(server):
     for name in shipped:
         served = server.get(f"/api/workflow_templates/{PACK_FOLDER_NAME}/{name}.json")
         assert served == json.loads((PACK_ROOT / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def test_frontend_names_each_missing_model_file_and_its_folder(server):
+    """Opened on a server without the files, each example workflow makes the frontend list every missing
+    checkpoint and SAM file with the folder it goes in (from the loaders' models metadata)."""
+    from frontend_prompts import chromium_or_skip, missing_models_dialogs
+
+    chromium = chromium_or_skip()
+    paths = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
+    workflows = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in paths}
+    dialogs = missing_models_dialogs(server.base_url, workflows, chromium)
+    for name, workflow in workflows.items():
+        expected = [f"{model['directory']} / {model['name']}"
+                    for node in workflow["nodes"] for model in node.get("properties", {}).get("models", [])]
+        assert expected, f"{name}: no loader carries models metadata"
+        for line in expected:
+            assert line in dialogs[name], f"{name}: the missing-models dialog does not list {line}:\n{dialogs[name]}"

@@ -89,6 +89,27 @@ def test_workflow_is_ui_format(path):
                 f"{path.name}: node {node['id']} ({node['type']}): properties['Node name for S&R'] should be its type")
 
 
+# Loader node -> the models folder its file goes in (what the frontend's missing-models dialog shows).
+MODEL_FOLDER_OF_LOADER = {"CheckpointLoaderSimple": "checkpoints", "DreamCacheSAMLoader": "sams"}
+
+
+@pytest.mark.parametrize("path", workflow_params())
+def test_model_loaders_tell_the_frontend_which_file_goes_where(path):
+    """properties.models (name, url, directory) on each loader whose file has a public download: the frontend
+    lists the missing ones with their folder and a link when the workflow is opened."""
+    workflow = load_workflow(path)
+    loaders = [node for node in workflow["nodes"] if node["type"] in MODEL_FOLDER_OF_LOADER]
+    assert loaders, f"{path.name} loads no checkpoint"
+    for node in loaders:
+        models = node["properties"].get("models")
+        where = f"{path.name}: {node['type']} {node['id']}"
+        assert models and len(models) == 1, f"{where} has no models metadata"
+        (model,) = models
+        assert model["name"] == node["widgets_values"][0], f"{where}: metadata names {model['name']}, the widget another"
+        assert model["directory"] == MODEL_FOLDER_OF_LOADER[node["type"]], f"{where}: directory {model['directory']}"
+        assert model["url"].startswith("https://") and model["url"].split("?")[0].endswith(model["name"]), where
+
+
 @pytest.mark.parametrize("path", workflow_params())
 def test_ids_are_unique_and_counted(path):
     workflow = load_workflow(path)
