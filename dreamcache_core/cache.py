@@ -86,10 +86,10 @@ class DreamCache:
                 tokens = tokens.reshape(-1, tokens.shape[-1])
             return tokens.unsqueeze(0).to(device=device, dtype=dtype or torch.float32)
 
-        return self._memoised((key, str(device), dtype), build)
+        return self._memoised((str(device), key, dtype), build)
 
     def _memoised(self, memo_key, build):
-        """``build()``'s result, made once per ``memo_key`` from normal tensors (see ``normal_tensors``): the
+        """``build()``'s result, made once per ``memo_key`` (device first) from normal tensors (see ``normal_tensors``): the
         device copies are made during sampling, inside ComfyUI's inference mode, and may be used for training."""
         found = self._materialized.get(memo_key)
         if found is None:
@@ -132,7 +132,7 @@ class DreamCache:
             bias = torch.cat([torch.full((counts[i],), math.log(weights[i] / total)) for i in keep])
             return tokens, bias.unsqueeze(0).to(device=device, dtype=dtype or torch.float32)
 
-        return self._memoised(("weighted", key, tuple(weights), str(device), dtype), build)
+        return self._memoised((str(device), "weighted", key, tuple(weights), dtype), build)
 
     def per_reference_tokens(self, key: str, device=None, dtype=None):
         """One memory per reference: (tokens [N, Lmax, C], key_mask [N, Lmax] bool or None).
@@ -158,7 +158,7 @@ class DreamCache:
             tokens = tokens.to(device=device, dtype=dtype or torch.float32)
             return tokens, None if key_mask is None else key_mask.to(device)
 
-        return self._memoised(("per_reference", key, str(device), dtype), build)
+        return self._memoised((str(device), "per_reference", key, dtype), build)
 
     def select(self, indices: Sequence[int]) -> "DreamCache":
         """A cache of the references ``indices`` only (features, token masks and weights follow)."""
@@ -175,8 +175,10 @@ class DreamCache:
         """The same references (tensors shared, not copied) with other relative weights."""
         return DreamCache(self.features, self.token_masks, dict(self.metadata), weights)
 
-    def release_device_copies(self):
-        self._materialized.clear()
+    def release_device_copies(self, keep_device=None):
+        """Drop the memoised copies (all, or all but those on ``keep_device``); they are remade on demand."""
+        keep = None if keep_device is None else str(keep_device)
+        self._materialized = {k: v for k, v in self._materialized.items() if keep is not None and k[0] == keep}
 
     def to_dict(self) -> dict:
         return {"features": self.features, "token_masks": self.token_masks, "metadata": self.metadata}

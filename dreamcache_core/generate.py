@@ -296,12 +296,6 @@ def build_injection(model, adapter, cache, strength: float, start_percent: float
                                reuse_memory_kv=reuse_memory_kv, attention=comfy_memory_attention)
 
 
-def combined_guidance_available() -> bool:
-    from . import comfy_bridge
-
-    return hasattr(comfy_bridge, "combined_guider")
-
-
 class Sampler:
     """Samples latents for one (adapter, cache) pair with the chosen guidance; reused across prompts."""
 
@@ -319,9 +313,6 @@ class Sampler:
                                              settings["end_percent"], (POSITIVE_CHUNK,))
             self.sampling_model = attach_injection(model.clone(), self.injection)
         elif guidance == "combined":
-            if not combined_guidance_available():
-                raise ValueError("Combined guidance needs comfy_bridge.combined_guider (the DreamCache Guider), which "
-                                 "this installation lacks. Use --guidance joint.")
             from .guidance import REFERENCE_CHUNKS
 
             self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],

@@ -46,13 +46,15 @@ class DreamCacheInjection:
     reference_mode:   "shared" (every image attends to all references) or "per_image" (image i of the
                       batch attends to reference i only)
     reference_weights: relative weight per reference (shared mode); None = the cache's own weights
+    managed_models:   ComfyUI ModelPatchers wrapping the adapter, handed to ComfyUI's memory manager by
+                      ``models()`` so the adapter is loaded to and offloaded from the device with the model
     """
 
     def __init__(self, adapter: DreamCacheAdapter, cache: DreamCache, strength: float = 1.0,
                  sigma_start: float = math.inf, sigma_end: float = 0.0, chunks: Optional[Iterable[int]] = (POSITIVE_CHUNK,),
                  layer_strengths: Optional[dict] = None, reuse_memory_kv: bool = True, attention=multihead_attention,
                  region_mask: Optional[torch.Tensor] = None, reference_mode: str = "shared",
-                 reference_weights: Optional[Iterable[float]] = None):
+                 reference_weights: Optional[Iterable[float]] = None, managed_models: Iterable = ()):
         if not adapter.norm_folded:
             raise ValueError("The adapter's LN_m is not folded against the base model yet (authors' checkpoint); "
                              "Apply DreamCache folds it when given the model.")
@@ -77,8 +79,9 @@ class DreamCacheInjection:
         self.reference_mode = reference_mode
         self.reference_weights = (None if reference_weights is None
                                   else check_reference_weights(list(reference_weights), cache.num_references))
-        self._memo: dict = {}
-        self._region_memo: dict = {}
+        self.managed_models = list(managed_models)
+        self._memo: dict = {}  # (device, layer key, dtype) -> (parameter state, weights, K, V, key mask)
+        self._region_memo: dict = {}  # (device, height, width) -> token weights
         self.attn1_patch = DreamCacheNorm1Patch(self)
         self.attn1_output_patch = DreamCacheOutputPatch(self)
 
@@ -106,11 +109,6 @@ class DreamCacheInjection:
             active &= (sigma <= self.sigma_start) & (sigma >= self.sigma_end)
         return active if bool(active.any()) else None
 
-    @property
-    def simple(self) -> bool:
-        """No region mask and one shared memory: the plain path of the output patch."""
-        return self.region_mask is None and self.reference_mode == "shared"
-
     def _memory_tokens(self, key: str, device, dtype):
         """(tokens [1 or N, L, C], key mask or bias [1 or N, L] or None) in this injection's reference mode."""
         if self.reference_mode == "per_image":
@@ -130,7 +128,7 @@ class DreamCacheInjection:
             k, v = layer.project_memory(tokens, weights)
             return weights, k, v, key_mask
         state = parameters_state(layer)
-        memo_key = (key, str(device), dtype)
+        memo_key = (str(device), key, dtype)
         found = self._memo.get(memo_key)
         if found is None or found[0] != state:
             with normal_tensors():  # usable outside the prompt's inference mode too
@@ -141,13 +139,9 @@ class DreamCacheInjection:
             self._memo[memo_key] = found
         return found[1], found[2], found[3], found[4]
 
-    def layer_inputs(self, key: str, device, dtype):
-        """(weights dict, memory keys, memory values) for layer ``key`` on ``device``/``dtype``."""
-        return self.layer_memory(key, device, dtype)[:3]
-
     def region_weights(self, height: int, width: int, device) -> torch.Tensor:
         """[M, height*width] float32 token weights of the region mask at this grid, on ``device`` (memoised)."""
-        memo_key = (height, width, str(device))
+        memo_key = (str(device), height, width)
         found = self._region_memo.get(memo_key)
         if found is None:
             with normal_tensors():  # may be saved for backward when training through a region
@@ -155,17 +149,35 @@ class DreamCacheInjection:
             self._region_memo[memo_key] = found
         return found
 
-    def to(self, device):
-        """ComfyUI moves patches with the model; device copies are made lazily, once per device/dtype."""
+    def to(self, device_or_dtype):
+        """ComfyUI calls this with the load device (and the model's dtype) when the model is loaded, and with
+        the offload device when it is unloaded: copies on any other device are dropped then (the memory
+        keys/values, the cache tokens, the region weights), so nothing stays on a GPU the model has left.
+        Copies are made lazily, once per device/dtype."""
+        if isinstance(device_or_dtype, torch.device):
+            self.release_device_copies(keep_device=device_or_dtype)
         return self
 
-    def release_device_copies(self):
-        self._memo.clear()
-        self._region_memo.clear()
-        self.cache.release_device_copies()
+    def release_device_copies(self, keep_device=None):
+        keep = None if keep_device is None else str(keep_device)
+        self._memo = {k: v for k, v in self._memo.items() if keep is not None and k[0] == keep}
+        self._region_memo = {k: v for k, v in self._region_memo.items() if keep is not None and k[0] == keep}
+        self.cache.release_device_copies(keep_device)
 
     def models(self):
-        return []
+        """ModelPatchers ComfyUI's memory manager loads and offloads with the model (the adapter's)."""
+        return list(self.managed_models)
+
+    def device_memory_bytes(self, dtype: torch.dtype) -> int:
+        """What sampling holds on the device beyond the adapter's weights: per memory layer the memory tokens
+        and their keys and values, at ``dtype`` (every reference, every token: the worst case)."""
+        size = torch.empty((), dtype=dtype).element_size()
+        total = 0
+        for key in self.adapter.keys():
+            spec = self.adapter.specs[key]
+            tokens = sum(self.cache.token_counts(key))
+            total += tokens * (spec.channels + 2 * spec.heads * spec.dim_head) * size
+        return total
 
 
 class DreamCacheNorm1Patch:
@@ -188,7 +200,8 @@ class DreamCacheNorm1Patch:
 
 
 class DreamCacheOutputPatch:
-    """attn1_output_patch: a1 -> a1 + s * (adapter(n, a1, memory) - a1) on active rows."""
+    """attn1_output_patch: a1 -> a1 + s * (adapter(n, a1, memory) - a1) on the active rows (and, with a region
+    mask, on the tokens it covers, each with its own s); everything else is returned bit for bit."""
 
     def __init__(self, injection: DreamCacheInjection):
         self.injection = injection
@@ -207,79 +220,72 @@ class DreamCacheOutputPatch:
         rows = injection.active_rows(a1.shape[0], extra_options)
         if rows is None:
             return a1
-        if not injection.simple:
-            return self.controlled(key, n, a1, rows, strength, extra_options)
-        weights, memory_k, memory_v, key_bias = injection.layer_memory(key, a1.device, a1.dtype)
-        layer = injection.adapter.layer(key)
-        all_rows = bool(rows.all())
-        a1_active = a1 if all_rows else a1[rows.to(a1.device)]
-        n_active = n if all_rows else n[rows.to(n.device)]
-        adapted = layer(n_active, a1_active, memory_k, memory_v, key_mask=key_bias, weights=weights,
-                        attention=injection.attention)
-        if strength != 1.0:
-            adapted = a1_active + strength * (adapted - a1_active)
-        if all_rows:
-            return adapted
-        out = a1.clone()
-        out[rows.to(a1.device)] = adapted
-        return out
-
-    def controlled(self, key, n, a1, rows, strength, extra_options):
-        """The output patch with a region mask and/or one reference per image."""
-        injection = self.injection
-        row_index = rows.nonzero().flatten()
-        chunk_ids = extra_options.get("cond_or_uncond") or [0]
-        images = max(a1.shape[0] // len(chunk_ids), 1)
-        image_of_row = row_index % images
         weights, memory_k, memory_v, key_mask = injection.layer_memory(key, a1.device, a1.dtype)
+        row_index = None if bool(rows.all()) else rows.nonzero().flatten().to(a1.device)
+        a1_rows = a1 if row_index is None else a1[row_index]
+        n_rows = n if row_index is None else n[row_index.to(n.device)]
         if injection.reference_mode == "per_image" and memory_k.shape[0] > 1:
-            if memory_k.shape[0] != images:
-                raise ValueError(
-                    f"'one reference per image' needs one reference for each image of the batch: the cache holds "
-                    f"{memory_k.shape[0]} references but the batch has {images} images. Encode as many references as "
-                    "images (a batch), or use 'all references shared'.")
-            pick = image_of_row.to(memory_k.device)
+            pick = self.image_of_rows(a1.shape[0], rows, extra_options, memory_k.shape[0]).to(memory_k.device)
             memory_k, memory_v = memory_k[pick], memory_v[pick]
             key_mask = None if key_mask is None else key_mask[pick]
-        device_rows = row_index.to(a1.device)
-        a1_active, n_active = a1[device_rows], n[device_rows.to(n.device)]
-        layer = injection.adapter.layer(key)
-        if injection.region_mask is None:
-            adapted = layer(n_active, a1_active, memory_k, memory_v, key_mask=key_mask, weights=weights,
-                            attention=injection.attention)
-            if strength != 1.0:
-                adapted = a1_active + strength * (adapted - a1_active)
-            out = a1.clone()
-            out[device_rows] = adapted
-            return out
-        height, width = token_grid(extra_options, a1.shape[1])
-        region = injection.region_weights(height, width, a1.device)  # [M, L]
-        if region.shape[0] == 1:
-            token_weights = region.expand(len(row_index), -1)
-        elif region.shape[0] == images:
-            token_weights = region[image_of_row.to(region.device)]
+        tokens, blend = None, None
+        if injection.region_mask is not None:
+            token_weights = self.region_token_weights(a1, rows, extra_options) * strength
+            tokens = (token_weights != 0).any(0).nonzero().flatten()
+            if tokens.numel() == 0:
+                return a1
+            a1_rows, n_rows = a1_rows[:, tokens], n_rows[:, tokens.to(n.device)]
+            blend = token_weights[:, tokens].to(a1.dtype).unsqueeze(-1)
+        adapted = injection.adapter.layer(key)(n_rows, a1_rows, memory_k, memory_v, key_mask=key_mask,
+                                              weights=weights, attention=injection.attention)
+        if blend is not None:  # per-token strength; lerp at 1 gives adapted exactly
+            adapted = torch.where(blend != 0, torch.lerp(a1_rows, adapted, blend), a1_rows)
+        elif strength != 1.0:
+            adapted = a1_rows + strength * (adapted - a1_rows)
+        if row_index is None and tokens is None:
+            return adapted
+        out = a1.clone()
+        if tokens is None:
+            out[row_index] = adapted
         else:
+            rows_of = torch.arange(a1.shape[0], device=a1.device) if row_index is None else row_index
+            out[rows_of[:, None], tokens[None, :]] = adapted
+        return out
+
+    @staticmethod
+    def images_in_batch(batch: int, extra_options: dict) -> int:
+        chunk_ids = extra_options.get("cond_or_uncond") or [0]
+        return max(batch // len(chunk_ids), 1)
+
+    def image_of_rows(self, batch: int, rows, extra_options: dict, references: int) -> torch.Tensor:
+        """Index of the image (of the latent batch) each active row belongs to, for one reference per image."""
+        images = self.images_in_batch(batch, extra_options)
+        if references != images:
+            raise ValueError(
+                f"'one reference per image' needs one reference for each image of the batch: the cache holds "
+                f"{references} references but the batch has {images} images. Encode as many references as "
+                "images (a batch), or use 'all references shared'.")
+        return rows.nonzero().flatten() % images
+
+    def region_token_weights(self, a1, rows, extra_options: dict) -> torch.Tensor:
+        """[active rows, tokens] float32 weights of the region mask at this layer's token grid."""
+        height, width = token_grid(extra_options, a1.shape[1])
+        region = self.injection.region_weights(height, width, a1.device)  # [M, L]
+        active = int(rows.sum())
+        if region.shape[0] == 1:
+            return region.expand(active, -1)
+        images = self.images_in_batch(a1.shape[0], extra_options)
+        if region.shape[0] != images:
             raise ValueError(f"The attention mask batch has {region.shape[0]} masks for a batch of {images} images; "
                              "give one mask, or one mask per image.")
-        token_weights = token_weights * strength
-        tokens = (token_weights != 0).any(0).nonzero().flatten()
-        if tokens.numel() == 0:
-            return a1
-        a1_sub, n_sub = a1_active[:, tokens], n_active[:, tokens.to(n.device)]
-        adapted = layer(n_sub, a1_sub, memory_k, memory_v, key_mask=key_mask, weights=weights,
-                        attention=injection.attention)
-        blend = token_weights[:, tokens].to(a1.dtype).unsqueeze(-1)
-        mixed = torch.where(blend != 0, torch.lerp(a1_sub, adapted, blend), a1_sub)  # lerp: 1 -> adapted exactly
-        out = a1.clone()
-        out[device_rows[:, None], tokens[None, :]] = mixed
-        return out
+        return region[(rows.nonzero().flatten() % images).to(region.device)]
 
     def to(self, device):
         self.injection.to(device)
         return self
 
     def models(self):
-        return []
+        return self.injection.models()
 
 
 def attach_injection(model_patcher, injection: DreamCacheInjection):

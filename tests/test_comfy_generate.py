@@ -146,8 +146,6 @@ def test_generation_from_a_saved_cache_is_the_stock_ksampler_path(setup, tmp_pat
 
 def test_combined_guidance_with_equal_scales_is_joint_guidance(setup):
     generate = setup["generate"]
-    if not generate.combined_guidance_available():
-        pytest.skip("comfy_bridge.combined_guider (issue 4) is not available")
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import encode_reference
 
     pipeline, model = setup["pipeline"], setup["model"]
