@@ -42,7 +42,7 @@ def optional_control_inputs(with_schedule=True):
             "layer_weights": ("STRING", {"default": "", "multiline": False,
                                          "tooltip": "Per-layer multipliers that override middle/decoder_weight, e.g. "
                                                     "'output_blocks.4.1=0.5, output.10=0' (layer keys, block names "
-                                                    "like output.4, or middle / decoder)."}),
+                                                    "like output.4, or middle / decoder); each weight within +-100."}),
         })
     return inputs
 
