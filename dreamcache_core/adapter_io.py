@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .adapter import DreamCacheAdapter
+from .input_checks import check_finite_tensor
 from .layers import MemoryLayerSpec, describe_layers
 from .normal_tensors import normal_tensors
 
@@ -40,6 +42,8 @@ TENSOR_NAMES = {
 }
 AUTHORS_PREFIX = "diffusion_model."
 AUTHORS_BLOCK = ".transformer_blocks.0."
+AUTHORS_LAYER_KEY = re.compile(r"^(middle_block\.\d+|(input|output)_blocks\.\d+\.\d+)$")
+MAX_LAYER_WIDTH = 8192  # the widest SD1.x/SD2.x/SDXL memory layer is 1280; beyond this a file is forged or damaged
 
 
 class AdapterFileError(ValueError):
@@ -99,18 +103,33 @@ def _load_adapter_file(path: str, base_model) -> DreamCacheAdapter:
 
 
 def _load_safetensors(path: str) -> DreamCacheAdapter:
+    """Read our adapter format. Nothing is allocated from the metadata alone: the layer descriptions are
+    checked against sane bounds and against the shapes of the tensors actually in the file (read from the
+    header, without their data) before the adapter is built."""
     from safetensors import safe_open
 
     name = os.path.basename(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            _check_format(metadata, name)
+            specs, signature = _specs_from_metadata(metadata, name)
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            _check_file_shapes(specs, shapes, name)
+            tensors = {k: handle.get_tensor(k) for k in _expected_keys(specs)}
+    except AdapterFileError:
+        raise
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt files
         raise AdapterFileError(
             f"{name} could not be read as safetensors ({error}). The file is truncated or corrupt: "
             "download or convert it again."
         ) from error
+    adapter = DreamCacheAdapter(specs, signature)
+    _copy_into(adapter, tensors, name)
+    return adapter
+
+
+def _check_format(metadata: dict, name: str) -> None:
     if metadata.get("dreamcache_format") != FORMAT_NAME:
         raise AdapterFileError(
             f"{name} is a safetensors file but not a DreamCache adapter (no dreamcache_format metadata). "
@@ -120,10 +139,68 @@ def _load_safetensors(path: str) -> DreamCacheAdapter:
     if version != FORMAT_VERSION:
         raise AdapterFileError(f"{name} uses adapter format version {version}; this pack reads version {FORMAT_VERSION}. "
                                "Update ComfyUI-DreamCache.")
-    specs = [MemoryLayerSpec.from_json(d) for d in json.loads(metadata["layers"])]
-    adapter = DreamCacheAdapter(specs, json.loads(metadata.get("signature", "{}")))
-    _copy_into(adapter, {k: tensors.get(k) for k in _expected_keys(specs)}, name)
-    return adapter
+
+
+def _specs_from_metadata(metadata: dict, name: str):
+    """(layer specs, signature) from our metadata, or AdapterFileError saying which field is missing or broken."""
+    damaged = "The adapter's metadata is damaged: save or convert the adapter again."
+    if "layers" not in metadata:
+        raise AdapterFileError(f"{name} lacks the 'layers' metadata field (the memory layer descriptions). {damaged}")
+    try:
+        layers = json.loads(metadata["layers"])
+        signature = json.loads(metadata.get("signature", "{}"))
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(f"{name}: a metadata field is not valid JSON ({error.msg}). {damaged}") from error
+    if not isinstance(layers, list) or not layers or not isinstance(signature, dict):
+        raise AdapterFileError(f"{name}: the 'layers' metadata is not a list of layers, or 'signature' is not an "
+                               f"object. {damaged}")
+    try:
+        specs = [MemoryLayerSpec.from_json(d) for d in layers]
+    except KeyError as error:
+        raise AdapterFileError(f"{name}: a layer description lacks the field {error}. {damaged}") from error
+    except (TypeError, ValueError, IndexError) as error:
+        raise AdapterFileError(f"{name}: a layer description is malformed ({error}). {damaged}") from error
+    if len({spec.key for spec in specs}) != len(specs):
+        raise AdapterFileError(f"{name} describes a memory layer twice. {damaged}")
+    for spec in specs:
+        check_spec_bounds(spec, name)
+    return specs, signature
+
+
+def check_spec_bounds(spec: MemoryLayerSpec, name: str) -> None:
+    """AdapterFileError when a layer's widths are not positive or beyond ``MAX_LAYER_WIDTH`` (a forged or
+    damaged file: no SD1.x, SD2.x or SDXL layer comes near)."""
+    widths = {"channels": spec.channels, "width": spec.dim, "heads": spec.heads, "dim_head": spec.dim_head,
+              "heads x dim_head": spec.heads * spec.dim_head}
+    bad = {k: v for k, v in widths.items() if v < 1 or v > MAX_LAYER_WIDTH}
+    if bad:
+        raise AdapterFileError(
+            f"{name}: layer {spec.key} declares {', '.join(f'{k} {v}' for k, v in bad.items())}; every width must lie "
+            f"in 1..{MAX_LAYER_WIDTH} (SD1.x, SD2.x and SDXL layers are at most 1280 wide). The file is damaged or "
+            "not a DreamCache adapter: use another adapter file."
+        )
+
+
+def tensor_shapes(spec: MemoryLayerSpec) -> dict[str, tuple]:
+    """Our tensor name -> the shape ``MemoryAdapterLayer(spec)`` gives it."""
+    d, c, inner = spec.dim, spec.channels, spec.heads * spec.dim_head
+    return {"mem_norm_scale": (d,), "mem_norm_shift": (d,), "to_q.weight": (inner, d), "to_k.weight": (inner, c),
+            "to_v.weight": (inner, c), "to_out.weight": (d, inner), "to_out.bias": (d,),
+            "linear_cat.weight": (d, 2 * d), "linear_cat.bias": (d,)}
+
+
+def _check_file_shapes(specs, shapes: dict, name: str) -> None:
+    """Every tensor the layer descriptions imply is in the file, with the implied shape."""
+    for spec in specs:
+        for tensor_name, expected in tensor_shapes(spec).items():
+            key = f"{spec.key}.{tensor_name}"
+            if key not in shapes:
+                raise AdapterFileError(f"{name} lacks tensor {key}: the file is incomplete.")
+            if shapes[key] != expected:
+                raise AdapterFileError(
+                    f"{name}: tensor {key} has shape {shapes[key]}, expected {expected} from the layer description. "
+                    "The file is damaged: save or convert the adapter again."
+                )
 
 
 def _expected_keys(specs):
@@ -143,6 +220,9 @@ def _copy_into(adapter: DreamCacheAdapter, tensors: dict, source_name: str):
                     f"{source_name}: tensor {key}.{name} has shape {tuple(tensor.shape)}, expected "
                     f"{tuple(params[path].shape)} from the layer description."
                 )
+            check_finite_tensor(tensor, f"{source_name}: tensor {key}.{name}",
+                                "The adapter file is damaged or comes from a diverged training run: use another "
+                                "checkpoint.", AdapterFileError)
             params[path].copy_(tensor.float())
 
 
@@ -178,20 +258,66 @@ def _layer_order(key: str):
     return section, number
 
 
-def authors_specs_from_state_dict(state: dict, heads_by_dim_head: int = 64) -> list[MemoryLayerSpec]:
+def authors_specs_from_state_dict(state: dict, heads_by_dim_head: int = 64, source: str = "checkpoint"
+                                  ) -> list[MemoryLayerSpec]:
     """Layer specs implied by an authors' checkpoint alone (SD2.x head layout: heads of 64 channels)."""
+    name = os.path.basename(source)
+    check_authors_tensors(state, name)
     specs = []
     for key in _authors_layer_keys(state):
+        if not AUTHORS_LAYER_KEY.match(key):
+            raise AdapterFileError(f"{name}: '{key}' is not a U-Net transformer key (input_blocks.<i>.<j>, "
+                                   "middle_block.<j> or output_blocks.<i>.<j>); the file is not an authors' "
+                                   "DreamCache checkpoint.")
         prefix = f"{AUTHORS_PREFIX}{key}{AUTHORS_BLOCK}"
         to_q = state[prefix + "attn_mem.to_q.weight"]
-        to_k = state[prefix + "attn_mem.to_k.weight"]
+        to_k = state.get(prefix + "attn_mem.to_k.weight")
+        if to_q.dim() != 2 or to_k is None or to_k.dim() != 2:
+            raise AdapterFileError(f"{name}: layer {key} lacks a 2-D attn_mem.to_q or attn_mem.to_k weight; the file "
+                                   "is incomplete or not an authors' DreamCache checkpoint.")
         dim = int(to_q.shape[1])
         inner = int(to_q.shape[0])
+        if inner % heads_by_dim_head != 0:
+            raise AdapterFileError(
+                f"{name}: layer {key} has attention width {inner}, not a multiple of {heads_by_dim_head}, so it does "
+                f"not fit the head layout (heads of {heads_by_dim_head} channels, as in SD2.x) that an authors' "
+                "checkpoint is read with when no base model is given. The file itself may be fine: it was made for a "
+                "base with another head layout. Convert it against its base model with `python -m "
+                "dreamcache_core.convert_authors --adapter <file> --base <base checkpoint>`."
+            )
         parts = key.split(".")
         block = ("middle", 0) if parts[0] == "middle_block" else (
             "output" if parts[0] == "output_blocks" else "input", int(parts[1]))
-        specs.append(MemoryLayerSpec(key, block, int(to_k.shape[1]), dim, inner // heads_by_dim_head, heads_by_dim_head))
+        spec = MemoryLayerSpec(key, block, int(to_k.shape[1]), dim, inner // heads_by_dim_head, heads_by_dim_head)
+        check_spec_bounds(spec, name)
+        specs.append(spec)
     return specs
+
+
+def check_authors_tensors(state: dict, name: str) -> None:
+    """Every value of the adapter's layout is a tensor whose storage holds all of its elements.
+
+    A tensor expanded with stride 0 (or any view reaching beyond its storage's length in elements) would be
+    materialised at its full shape from a few bytes on disk: refused before anything is built. Tensors that
+    share one storage but each fit in it are accepted (their copies cost no more than the tensors in the file).
+    """
+    for key, value in state.items():
+        if not (isinstance(key, str) and key.startswith(AUTHORS_PREFIX) and AUTHORS_BLOCK in key):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise AdapterFileError(f"{name}: {key} is a {type(value).__name__}, not a tensor. The file is not an "
+                                   "authors' DreamCache checkpoint (or is damaged): use cross_attention-<step>.pt.")
+        if value.numel() == 0:
+            continue
+        stored = value.untyped_storage().nbytes()
+        needed = value.numel() * value.element_size()
+        zero_stride = any(stride == 0 and size > 1 for stride, size in zip(value.stride(), value.shape))
+        if zero_stride or stored < needed:
+            raise AdapterFileError(
+                f"{name}: {key} has shape {tuple(value.shape)} ({needed} bytes) but is stored in {stored} bytes "
+                "(an expanded or overlapping view). Real checkpoints store every weight; this file is forged or "
+                "damaged and is refused so it cannot fill the memory. Use the authors' cross_attention-<step>.pt."
+            )
 
 
 @dataclass
@@ -217,6 +343,7 @@ def adapter_from_authors_state_dict(state: dict, base_model=None, source: str = 
     layout (heads) comes from the base and LN_m is folded against its norm1; without either the adapter
     stays unfolded, with the SD2.x head layout."""
     name = os.path.basename(source)
+    check_authors_tensors(state, name)
     layer_keys = _authors_layer_keys(state)
     if not layer_keys:
         raise AdapterFileError(
@@ -236,7 +363,7 @@ def adapter_from_authors_state_dict(state: dict, base_model=None, source: str = 
         specs = [model_specs[k] for k in layer_keys]
         signature = layout.signature
     else:
-        specs = authors_specs_from_state_dict(state)
+        specs = authors_specs_from_state_dict(state, source=source)
         signature = {}
     adapter = DreamCacheAdapter(specs, signature, norm_folded=False)
     tensors = {}

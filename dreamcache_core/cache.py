@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .input_checks import check_finite_tensor
 from .layers import describe_layers, MemoryLayerSpec
 from .normal_tensors import as_normal, normal_tensors
 
@@ -53,6 +54,7 @@ class DreamCache:
                              for k, v in self.features.items()}
             self.token_masks = {k: as_normal(v.detach().to("cpu", torch.bool)).contiguous()
                                 for k, v in self.token_masks.items()}
+        check_cache_layout(self.features, self.token_masks)
         if self.reference_weights is not None:
             self.reference_weights = check_reference_weights(self.reference_weights, self.num_references)
         self._materialized: dict = {}
@@ -186,22 +188,35 @@ class DreamCache:
 
 def check_reference_weights(weights: Sequence[float], num_references: int) -> list[float]:
     """Validate relative reference weights: one finite, non-negative number per reference, not all zero."""
+    values = reference_weight_values(weights)
+    if len(values) != num_references:
+        raise ValueError(f"{len(values)} reference weights were given for a cache of {num_references} references; "
+                         f"give exactly one weight per reference (e.g. {', '.join(['1'] * num_references)}).")
+    return values
+
+
+def reference_weight_values(weights: Sequence[float]) -> list[float]:
+    """The weights as floats, checked without knowing the cache: finite, >= 0, not all 0, and close enough in
+    magnitude that their sum and each log(w_i / sum) can be computed (``1e308, 1.7e308`` overflows)."""
     try:
         values = [float(w) for w in weights]
     except (TypeError, ValueError) as error:
         raise ValueError(f"Reference weights must be numbers, got {weights!r}.") from error
-    if len(values) != num_references:
-        raise ValueError(f"{len(values)} reference weights were given for a cache of {num_references} references; "
-                         f"give exactly one weight per reference (e.g. {', '.join(['1'] * num_references)}).")
     if any(not math.isfinite(w) or w < 0 for w in values):
         raise ValueError(f"Reference weights must be finite and >= 0, got {values}.")
     if not any(w > 0 for w in values):
         raise ValueError("All reference weights are 0, so no reference would be used. Give at least one weight > 0.")
+    total = sum(values)
+    if not math.isfinite(total) or any(w > 0 and w / total == 0 for w in values):
+        raise ValueError(f"Reference weights {values} are too large or too far apart to compute with (their sum "
+                         "overflows, or a share underflows to 0). They are relative: scale them to a moderate range, "
+                         "e.g. '1, 1.7'.")
     return values
 
 
-def parse_reference_weights(text: str, num_references: int) -> Optional[list[float]]:
-    """Weights from a comma- or space-separated string ("1, 0.5"); None for an empty string."""
+def parse_reference_weights(text: str, num_references: Optional[int]) -> Optional[list[float]]:
+    """Weights from a comma- or space-separated string ("1, 0.5"); None for an empty string.
+    ``num_references`` None checks the values only (queue-time validation, before the cache exists)."""
     text = (text or "").strip()
     if not text:
         return None
@@ -211,6 +226,8 @@ def parse_reference_weights(text: str, num_references: int) -> Optional[list[flo
     except ValueError as error:
         raise ValueError(f"Could not read reference weights {text!r}: write numbers separated by commas, "
                          "e.g. '1, 0.5'.") from error
+    if num_references is None:
+        return reference_weight_values(values)
     return check_reference_weights(values, num_references)
 
 
@@ -299,6 +316,30 @@ def token_masks_from_mask(mask: torch.Tensor, feature_sizes: dict, threshold: fl
     return out
 
 
+def check_cache_layout(features: dict, token_masks: dict) -> None:
+    """ValueError unless every feature map is [N, C, h, w] with the same N and every token mask is [N, h*w]
+    of its layer (a mismatch would otherwise only fail as an IndexError in the middle of sampling)."""
+    counts = {key: tuple(f.shape)[0] if f.dim() == 4 else None for key, f in features.items()}
+    bad = [key for key, count in counts.items() if count is None or count < 1]
+    if bad:
+        raise ValueError(f"The cache features of layers {bad} are not [references, channels, height, width] maps. "
+                         "Encode the reference again.")
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"The cache layers hold different numbers of references ({counts}). Encode the "
+                         "references again.")
+    unknown = sorted(set(token_masks) - set(features))
+    if unknown:
+        raise ValueError(f"The cache has token masks for layers {unknown} that have no features. Encode the "
+                         "reference again.")
+    for key, mask in token_masks.items():
+        n, _, height, width = features[key].shape
+        if tuple(mask.shape) != (n, height * width):
+            raise ValueError(
+                f"The token mask of layer {key} has shape {tuple(mask.shape)}, but its features are {n} reference(s) "
+                f"of {height}x{width} tokens, which needs ({n}, {height * width}). Encode the reference again "
+                "(with its mask).")
+
+
 def check_cache_fits(cache: DreamCache, specs: list[MemoryLayerSpec], signature: Optional[dict] = None):
     """Raise a clear error when ``cache`` was taken on a model with other memory layers."""
     expected = {s.key: s for s in specs}
@@ -357,8 +398,22 @@ def load_cache(path: str) -> DreamCache:
     if meta.get("dreamcache_format") != FORMAT_NAME:
         raise CacheFileError(f"{name} is not a DreamCache cache (it may be an adapter or a model). Pick a file "
                              "written by Save DreamCache.")
+    again = "Save the cache again (or encode the reference again)."
+    try:
+        metadata = json.loads(meta.get("metadata", "{}"))
+    except json.JSONDecodeError as error:
+        raise CacheFileError(f"{name}: the 'metadata' field is not valid JSON ({error.msg}). {again}") from error
+    if not isinstance(metadata, dict):
+        raise CacheFileError(f"{name}: the 'metadata' field is not a JSON object. {again}")
     features = {k[len("features."):]: v for k, v in tensors.items() if k.startswith("features.")}
+    if not features:
+        raise CacheFileError(f"{name} holds no features.<layer> tensors. {again}")
+    for key, feature in features.items():
+        check_finite_tensor(feature, f"{name}: features.{key}", f"The cache is damaged. {again}", CacheFileError)
     masks = {k[len("token_mask."):]: v.bool() for k, v in tensors.items() if k.startswith("token_mask.")}
     weights = tensors.get("reference_weights")
-    weights = None if weights is None else [float(w) for w in weights]
-    return DreamCache(features, masks, json.loads(meta.get("metadata", "{}")), weights)
+    weights = None if weights is None else [float(w) for w in weights.flatten()]
+    try:
+        return DreamCache(features, masks, metadata, weights)
+    except ValueError as error:
+        raise CacheFileError(f"{name}: {error}") from error

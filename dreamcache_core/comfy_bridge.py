@@ -17,6 +17,7 @@ import torch
 
 from .cache import DreamCache
 from .encode import cache_from_features, capture_memory_inputs
+from .input_checks import check_finite_tensor, check_number
 
 ENCODE_TIMESTEP = 1  # DESIGN.md: the reference is noised to t = 1, the least noisy step
 
@@ -79,6 +80,12 @@ def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning
         )
     if torch.count_nonzero(latent) == 0:
         raise ValueError("The reference latent is all zeros (an empty latent). Encode a reference image with VAE Encode.")
+    check_finite_tensor(latent, "The reference LATENT", "Check the image and the VAE Encode before Encode DreamCache "
+                        "(a NaN pixel or a VAE run in too low a precision gives NaN latents).")
+    if mask is not None:
+        check_finite_tensor(mask, "The Encode DreamCache mask", "Give a mask with values in 0..1.")
+    check_latent_size(model_patcher.model.diffusion_model, latent)
+    model_patcher = without_dreamcache_patches(model_patcher)
 
     class SinglePassSampler(comfy.samplers.Sampler):
         """Noise the latent to sigma(t=1) and run the model once; the hooks keep what they need."""
@@ -108,6 +115,41 @@ def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning
         "num_references": int(latent.shape[0]),
     }
     return cache_from_features(unet, {k: v.cpu() for k, v in features.items()}, mask, metadata)
+
+
+def without_dreamcache_patches(model_patcher):
+    """``model_patcher`` itself when it carries no DreamCache injection, else a clone without this pack's own
+    attn1 patches (other packs' patches, LoRAs and wrappers stay): Encode must cache the base model's features,
+    also when it is fed the MODEL that Apply DreamCache returned."""
+    from .patch import DreamCacheNorm1Patch, DreamCacheOutputPatch
+
+    ours = (DreamCacheNorm1Patch, DreamCacheOutputPatch)
+    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
+    if not any(isinstance(p, ours) for name in ("attn1_patch", "attn1_output_patch") for p in patches.get(name, [])):
+        return model_patcher
+    clone = model_patcher.clone()
+    clone_patches = clone.model_options["transformer_options"]["patches"]
+    for name in ("attn1_patch", "attn1_output_patch"):
+        if name in clone_patches:
+            kept = [p for p in clone_patches[name] if not isinstance(p, ours)]
+            if kept:
+                clone_patches[name] = kept
+            else:
+                del clone_patches[name]
+    return clone
+
+
+def check_latent_size(unet, latent: torch.Tensor) -> None:
+    """ValueError when the latent is too small for the U-Net's downsampling: every downsampling but the last must
+    halve a side of at least 2 latent pixels (smaller maps collapse to 1x1 and the pass fails in a GroupNorm)."""
+    downsamplings = sum(1 for module in unet.input_blocks.modules() if type(module).__name__ == "Downsample")
+    minimum = 2 ** max(downsamplings - 1, 0)
+    height, width = int(latent.shape[2]), int(latent.shape[3])
+    if min(height, width) < minimum:
+        raise ValueError(
+            f"The reference latent is {width}x{height}, too small for this U-Net's {downsamplings} downsamplings: it "
+            f"needs at least {minimum}x{minimum} latent pixels ({minimum * 8}x{minimum * 8} image pixels). Give a "
+            "larger reference image (ideally the model's resolution, e.g. 512 for SD1.5).")
 
 
 def comfy_memory_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -188,6 +230,9 @@ def combined_guider(model_patcher, injection, positive, negative, text_cfg: floa
     ``guidance.REFERENCE_CHUNKS``), with DreamCache's combined guidance over ``positive``/``negative``."""
     from .guidance import REFERENCE_CHUNKS
     from .patch import attach_injection
+
+    text_cfg = check_number(text_cfg, "text_cfg", advice="The authors use 7.5.")
+    image_cfg = check_number(image_cfg, "image_cfg", advice="The authors use 5.0.")
 
     if injection.chunks != frozenset(REFERENCE_CHUNKS):
         raise ValueError(f"The combined guider's injection must target chunks {REFERENCE_CHUNKS}, "

@@ -14,11 +14,13 @@ strength, tokens on a soft or partial edge a proportional share.
 from __future__ import annotations
 
 import math
+import re
 from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .input_checks import check_finite_tensor, layer_weight_problem
 from .layers import MemoryLayerSpec
 
 REFERENCE_MODES = ("shared", "per_image")
@@ -31,6 +33,36 @@ def _layer_names(spec: MemoryLayerSpec) -> set[str]:
     return names
 
 
+LAYER_NAME_FORMS = re.compile(r"^(middle|decoder|middle_block\.\d+|(input|output)_blocks\.\d+\.\d+|"
+                              r"(input|output|middle)[._]\d+)$")
+
+
+def layer_weight_entries(text: str) -> list[tuple[str, str, float]]:
+    """``"output.4=0.5, middle=1"`` -> [(entry, lower-case name, weight)], checked without a model: the syntax,
+    each weight finite and within ``input_checks.LAYER_WEIGHT_LIMIT``, each name of a form a layer can have."""
+    out = []
+    for entry in (text or "").replace(";", ",").replace("\n", ",").split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        if "=" not in entry and ":" not in entry:
+            raise ValueError(f"Layer weight '{entry}' has no '=': write key=weight, e.g. 'output_blocks.4.1=0.5'.")
+        name, _, value = entry.replace(":", "=").partition("=")
+        name = name.strip().lower()
+        try:
+            weight = float(value)
+        except ValueError as error:
+            raise ValueError(f"Layer weight '{entry}': '{value.strip()}' is not a number.") from error
+        problem = layer_weight_problem(weight, entry)
+        if problem:
+            raise ValueError(problem)
+        if not LAYER_NAME_FORMS.match(name):
+            raise ValueError(f"Layer weight '{entry}': '{name}' is not a memory layer name. Use a layer key "
+                             "(output_blocks.4.1), a block name (output.4, middle) or a group (middle, decoder).")
+        out.append((entry, name, weight))
+    return out
+
+
 def parse_layer_weights(text: str, specs: Iterable[MemoryLayerSpec]) -> dict[str, float]:
     """``"output_blocks.4.1=0.5, output.10=0"`` -> {layer key: weight}; an empty string gives {}.
 
@@ -39,25 +71,12 @@ def parse_layer_weights(text: str, specs: Iterable[MemoryLayerSpec]) -> dict[str
     """
     specs = list(specs)
     out: dict[str, float] = {}
-    text = (text or "").strip()
-    if not text:
-        return out
     valid = ", ".join(["middle", "decoder"] + [s.key for s in specs])
-    for entry in text.replace(";", ",").replace("\n", ",").split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        if "=" not in entry and ":" not in entry:
-            raise ValueError(f"Layer weight '{entry}' has no '=': write key=weight, e.g. 'output_blocks.4.1=0.5'. "
-                             f"Keys: {valid}.")
-        name, _, value = entry.replace(":", "=").partition("=")
-        name = name.strip().lower()
-        try:
-            weight = float(value)
-        except ValueError as error:
-            raise ValueError(f"Layer weight '{entry}': '{value.strip()}' is not a number.") from error
-        if not math.isfinite(weight):
-            raise ValueError(f"Layer weight '{entry}' is not finite.")
+    try:
+        entries = layer_weight_entries(text)
+    except ValueError as error:
+        raise ValueError(f"{error} Keys: {valid}.") from None
+    for entry, name, weight in entries:
         if name == "decoder":
             matched = [s.key for s in specs if s.block[0] == "output"]
         else:
@@ -90,9 +109,8 @@ def prepare_region_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         mask = mask.unsqueeze(0)
     if mask.dim() != 3:
         raise ValueError(f"The attention mask has shape {tuple(mask.shape)}; a MASK is [H, W] or [batch, H, W].")
+    check_finite_tensor(mask, "The attention mask (attn_mask)", "Give a mask with values in 0..1.")
     mask = mask.detach().to("cpu", torch.float32).clamp(0, 1)
-    if not bool(torch.isfinite(mask).all()):
-        raise ValueError("The attention mask holds NaN values.")
     for i in range(mask.shape[0]):
         if float(mask[i].max()) <= 0:
             raise ValueError(

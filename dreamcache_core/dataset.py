@@ -129,7 +129,8 @@ def find_mask_beside(image_path: str, suffix: str) -> Optional[str]:
 
 def list_images(folder: str, mask_suffix: str) -> list:
     if not os.path.isdir(folder):
-        raise ValueError(f"--images {folder} is not a folder.")
+        raise ValueError(f"--images {folder} is not a folder (it does not exist, or is a file). Give the folder "
+                         "holding the photos.")
     names = []
     for name in sorted(os.listdir(folder)):
         stem, extension = os.path.splitext(name)
@@ -233,15 +234,20 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest-name", default="manifest.jsonl")
     parser.add_argument("--validate", metavar="MANIFEST", help="only validate an existing manifest and report")
     args = parser.parse_args(argv)
-    if args.validate:
-        manifest = read_manifest(args.validate)
-        print(manifest.report())
-        return 0 if manifest.rows else 1
-    if not args.images or not args.out:
+    if not args.validate and (not args.images or not args.out):
         parser.error("--images and --out are required (or --validate MANIFEST)")
-    segmenter = sam_segmenter(args.sam, args.sam_device) if args.sam else None
-    report = build_dataset(args.images, args.out, args.captions, segmenter, args.mask_suffix, args.references_per_image,
-                           args.reference_size, args.margin, args.seed, manifest_name=args.manifest_name)
+    try:
+        if args.validate:
+            manifest = read_manifest(args.validate)
+            print(manifest.report())
+            return 0 if manifest.rows else 1
+        segmenter = sam_segmenter(args.sam, args.sam_device) if args.sam else None
+        report = build_dataset(args.images, args.out, args.captions, segmenter, args.mask_suffix,
+                               args.references_per_image, args.reference_size, args.margin, args.seed,
+                               manifest_name=args.manifest_name)
+    except (ValueError, OSError) as error:  # a missing folder or file, a bad CSV: one line, not a traceback
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
     return 0 if report.rows else 1
 
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .cache import DreamCache, token_masks_from_mask
+from .input_checks import check_finite_tensor
 from .layers import discover_memory_layers, memory_modules, model_signature
 
 
@@ -48,4 +49,9 @@ def cache_from_features(model, features: dict, mask: Optional[torch.Tensor] = No
         token_masks = token_masks_from_mask(mask, sizes)
     meta = {"signature": model_signature(model)}
     meta.update(metadata or {})
-    return DreamCache(features, token_masks, meta)
+    cache = DreamCache(features, token_masks, meta)
+    for key, feature in cache.features.items():  # after the fp16 storage cast: values beyond 65504 overflow it
+        check_finite_tensor(feature, f"The features the U-Net gave memory layer {key}",
+                            "The model or a patch on it (a LoRA at too high a strength?) produces non-finite values "
+                            "on this reference: check them with a plain sample first.")
+    return cache

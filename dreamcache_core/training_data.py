@@ -11,8 +11,14 @@ Each non-empty line is a JSON object::
      "caption": "a photo of a mug on a desk", # the target's prompt (required, may be "")
      "id": "0001"}                            # optional name used in reports
 
-Relative paths are relative to the manifest's folder. Lines starting with
-``#`` are comments. ``python -m dreamcache_core.dataset`` writes such a file
+Relative paths are relative to the manifest's folder. Absolute paths are
+allowed and used as they are (a manifest may point at images kept anywhere).
+A relative path that leaves the manifest's folder (``../photos/a.png``) is
+allowed as well, since ``write_manifest`` writes such paths for files beside a
+manifest in a subfolder, but it is reported: ``read_manifest`` keeps the row and
+adds a warning naming the line and the path, which
+``python -m dreamcache_core.dataset --validate`` prints as a ``warning`` line
+(the exit code is unchanged). Lines starting with ``#`` are comments. ``python -m dreamcache_core.dataset`` writes such a file
 from a folder of photos; ``read_manifest`` validates every row (fields, files,
 images, masks) and returns the rows it kept plus the rows it skipped, each
 with the reason.
@@ -99,10 +105,12 @@ class Manifest:
     path: str
     rows: list
     skipped: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)  # rows kept, but worth a look (paths leaving the folder)
 
     def report(self) -> str:
         lines = [f"{self.path}: {len(self.rows)} rows kept, {len(self.skipped)} skipped"]
         lines += [f"  skipped {row}" for row in self.skipped]
+        lines += [f"  warning {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
 
@@ -177,8 +185,10 @@ def mask_problem(path: str, reference_size: Optional[tuple] = None) -> Optional[
     return None
 
 
-def parse_manifest_line(text: str, line: int, base_dir: str, check_files: bool = True):
-    """A ``ManifestRow`` (index -1) or a ``SkippedRow`` saying what is wrong with this line."""
+def parse_manifest_line(text: str, line: int, base_dir: str, check_files: bool = True,
+                        warnings: Optional[list] = None):
+    """A ``ManifestRow`` (index -1) or a ``SkippedRow`` saying what is wrong with this line; relative paths
+    leaving ``base_dir`` are reported in ``warnings`` (when given)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -203,6 +213,8 @@ def parse_manifest_line(text: str, line: int, base_dir: str, check_files: bool =
     def absolute(path):
         return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
 
+    if warnings is not None:
+        warnings.extend(escaping_paths(data, line, base_dir))
     target = absolute(data["target"])
     reference = absolute(data["reference"])
     mask = absolute(data["reference_mask"]) if data.get("reference_mask") else None
@@ -222,24 +234,38 @@ def parse_manifest_line(text: str, line: int, base_dir: str, check_files: bool =
     return ManifestRow(-1, line, target, reference, data["caption"], mask, row_id)
 
 
+def escaping_paths(data: dict, line: int, base_dir: str) -> list[str]:
+    """One warning per relative path of the row that leads out of ``base_dir`` (absolute paths are not reported)."""
+    found = []
+    for name in ("target", "reference", "reference_mask"):
+        value = data.get(name)
+        if not value or os.path.isabs(value):
+            continue
+        inside = os.path.relpath(os.path.normpath(os.path.join(base_dir, value)), base_dir)
+        if inside == os.pardir or inside.startswith(os.pardir + os.sep):
+            found.append(f"line {line}: {name} '{value}' leaves the manifest's folder {base_dir}. It is used, but check "
+                         "that it points where you mean; write an absolute path to say so.")
+    return found
+
+
 def read_manifest(path: str, check_files: bool = True) -> Manifest:
     """Parse and validate a JSONL manifest; every bad row is skipped with its reason."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Manifest not found: {path}. Build one with `python -m dreamcache_core.dataset`.")
     base_dir = os.path.dirname(os.path.abspath(path))
-    rows, skipped = [], []
+    rows, skipped, warnings = [], [], []
     with open(path, encoding="utf-8") as handle:
         for line_number, text in enumerate(handle, start=1):
             text = text.strip()
             if not text or text.startswith("#"):
                 continue
-            parsed = parse_manifest_line(text, line_number, base_dir, check_files)
+            parsed = parse_manifest_line(text, line_number, base_dir, check_files, warnings)
             if isinstance(parsed, SkippedRow):
                 skipped.append(parsed)
             else:
                 rows.append(ManifestRow(len(rows), parsed.line, parsed.target, parsed.reference, parsed.caption,
                                         parsed.reference_mask, parsed.id))
-    return Manifest(os.path.abspath(path), rows, skipped)
+    return Manifest(os.path.abspath(path), rows, skipped, warnings)
 
 
 def write_manifest(rows: Iterable, path: str) -> None:

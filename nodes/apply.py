@@ -2,9 +2,11 @@
 from ..dreamcache_core.adapter import adapter_for_model
 from ..dreamcache_core.cache import check_cache_fits, parse_reference_weights
 from ..dreamcache_core.comfy_bridge import comfy_memory_attention
-from ..dreamcache_core.controls import layer_strengths
+from ..dreamcache_core.controls import layer_strengths, layer_weight_entries
+from ..dreamcache_core.input_checks import check_number
 from ..dreamcache_core.layers import discover_memory_layers, model_signature
 from ..dreamcache_core.patch import POSITIVE_CHUNK, DreamCacheInjection, attach_injection
+from .widget_checks import text_problem, validation_result, widget_problems
 
 APPLY_TO_CHUNKS = {"positive only": (POSITIVE_CHUNK,), "positive and negative": None}
 REFERENCE_MODES = {"all references shared": "shared", "one reference per image": "per_image"}
@@ -40,7 +42,7 @@ def optional_control_inputs(with_schedule=True):
             "layer_weights": ("STRING", {"default": "", "multiline": False,
                                          "tooltip": "Per-layer multipliers that override middle/decoder_weight, e.g. "
                                                     "'output_blocks.4.1=0.5, output.10=0' (layer keys, block names "
-                                                    "like output.4, or middle / decoder)."}),
+                                                    "like output.4, or middle / decoder); each weight within +-100."}),
         })
     return inputs
 
@@ -49,6 +51,9 @@ def build_injection(model, adapter, cache, strength=1.0, start_percent=0.0, end_
                     attn_mask=None, reference_mode="all references shared", reference_weights="",
                     middle_weight=1.0, decoder_weight=1.0, layer_weights=""):
     """Check the inputs against ``model`` and build the injection (not attached yet)."""
+    for name, value in (("strength", strength), ("start_percent", start_percent), ("end_percent", end_percent),
+                        ("middle_weight", middle_weight), ("decoder_weight", decoder_weight)):
+        check_number(value, name)  # a linked input skips VALIDATE_INPUTS: NaN must not pass silently
     unet = model.get_model_object("diffusion_model")
     ready_adapter = adapter_for_model(adapter, unet)
     specs = discover_memory_layers(unet)
@@ -62,6 +67,13 @@ def build_injection(model, adapter, cache, strength=1.0, start_percent=0.0, end_
                                layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
                                attention=comfy_memory_attention, region_mask=attn_mask,
                                reference_mode=REFERENCE_MODES[reference_mode], reference_weights=weights)
+
+
+def control_text_problems(reference_weights=None, layer_weights=None) -> list:
+    """Queue-time problems of the string controls, checkable without the cache or the model: the reference
+    weights' numbers, the layer weights' syntax, values and name forms."""
+    return [text_problem(lambda text: parse_reference_weights(text, None), reference_weights, "reference_weights"),
+            text_problem(layer_weight_entries, layer_weights, "layer_weights")]
 
 
 def sigma_range(model, start_percent, end_percent):
@@ -96,6 +108,18 @@ class DreamCacheApply:
             },
             "optional": optional_control_inputs(),
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength=None, start_percent=None, end_percent=None, reference_weights=None,
+                        middle_weight=None, decoder_weight=None, layer_weights=None):
+        """Checked when the prompt is queued (widget values only; linked inputs are checked when the node runs)."""
+        problems = widget_problems(cls, {"strength": strength, "start_percent": start_percent,
+                                         "end_percent": end_percent, "middle_weight": middle_weight,
+                                         "decoder_weight": decoder_weight})
+        if not problems and start_percent is not None and end_percent is not None and start_percent > end_percent:
+            problems.append(f"start_percent ({start_percent}) is after end_percent ({end_percent}), so "
+                            "personalisation would never run. Set start_percent <= end_percent.")
+        return validation_result(problems + control_text_problems(reference_weights, layer_weights))
 
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("A personalised clone of the model, for the stock KSampler.",)

@@ -5,6 +5,15 @@ import folder_paths
 
 from ..dreamcache_core.cache import load_cache, save_cache
 from .model_folders import CACHE_FOLDER, CACHE_OUTPUT_SUBFOLDER
+from .widget_checks import validation_result
+
+
+def filename_prefix_problem(prefix):
+    """None for a usable prefix (or none given), else why no file can be named after it."""
+    if prefix is not None and "\x00" in prefix:
+        return ("filename_prefix contains a NUL character (\\x00), which no file name may hold. Retype the prefix, "
+                f"e.g. '{CACHE_OUTPUT_SUBFOLDER}/reference'.")
+    return None
 
 
 class DreamCacheSave:
@@ -25,7 +34,15 @@ class DreamCacheSave:
     CATEGORY = "DreamCache"
     DESCRIPTION = "Saves a DreamCache (fp16 features, masks, model signature) as .safetensors."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        """Checked when the prompt is queued (a linked prefix is checked when the node runs)."""
+        return validation_result([filename_prefix_problem(filename_prefix)])
+
     def save(self, cache, filename_prefix):
+        problem = filename_prefix_problem(filename_prefix)
+        if problem:
+            raise ValueError(problem)
         output_dir = folder_paths.get_output_directory()
         full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         file = f"{filename}_{counter:05}_.safetensors"

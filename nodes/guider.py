@@ -1,7 +1,8 @@
 """DreamCache Guider: DreamCache's combined (image + text) guidance as a GUIDER for SamplerCustomAdvanced."""
 from ..dreamcache_core.comfy_bridge import combined_guider
 from ..dreamcache_core.guidance import REFERENCE_CHUNKS
-from .apply import build_injection, optional_control_inputs
+from .apply import build_injection, control_text_problems, optional_control_inputs
+from .widget_checks import validation_result, widget_problems
 
 
 class DreamCacheGuider:
@@ -25,6 +26,12 @@ class DreamCacheGuider:
             },
             "optional": optional_control_inputs(with_schedule=False),
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, text_cfg=None, image_cfg=None, reference_weights=None):
+        """Checked when the prompt is queued (widget values only; linked inputs are checked when the node runs)."""
+        problems = widget_problems(cls, {"text_cfg": text_cfg, "image_cfg": image_cfg})
+        return validation_result(problems + control_text_problems(reference_weights))
 
     RETURN_TYPES = ("GUIDER",)
     OUTPUT_TOOLTIPS = ("A guider for SamplerCustomAdvanced running the three predictions per step.",)

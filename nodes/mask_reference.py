@@ -18,6 +18,7 @@ from ..dreamcache_core.reference_mask import (
     image_to_rgb,
     mask_is_empty,
 )
+from ..dreamcache_core.input_checks import check_finite_tensor
 from .sam_loader import as_sam_model
 
 
@@ -80,6 +81,10 @@ class DreamCacheMaskReference:
     def mask_reference(self, image, size, sam_model=None, mask=None):
         if image.ndim == 3:
             image = image.unsqueeze(0)
+        check_finite_tensor(image, "The Mask Reference image", "Check the node that made it (a NaN pixel spreads to "
+                            "the whole reference and the picture).")
+        if mask is not None:
+            check_finite_tensor(mask, "The Mask Reference mask", "Give a mask with values in 0..1.")
         transparency = image_alpha(image)
         if mask is not None:
             subject_masks = as_mask_batch(mask)

@@ -1,0 +1,42 @@
+"""Queue-time validation (classic ``VALIDATE_INPUTS``) shared by the DreamCache nodes.
+
+ComfyUI calls a node's ``VALIDATE_INPUTS`` classmethod when the prompt is queued, with the inputs it names that
+are widget values (a linked input is not passed: its value does not exist yet, so it is checked when the node
+runs). For every input a ``VALIDATE_INPUTS`` names, ComfyUI skips its own min/max check, so ``widget_problems``
+does it here, together with the finiteness check ComfyUI never does (NaN passes ``min <= value <= max``).
+"""
+from ..dreamcache_core.input_checks import number_problem
+
+
+def widget_problems(node_class, values: dict) -> list:
+    """Problems of the given FLOAT/INT widget ``values`` (None = not given): finite and inside the declared range."""
+    declared = node_class.INPUT_TYPES()
+    specs = dict(declared.get("required", {}), **declared.get("optional", {}))
+    problems = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        options = specs[name][1] if len(specs[name]) > 1 else {}
+        problem = number_problem(value, name, options.get("min"), options.get("max"),
+                                 f"Its default is {options['default']}." if "default" in options else "")
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def text_problem(check, text, name: str):
+    """The message of ``check(text)`` raising ValueError, prefixed with the input's name; None when it passes or
+    the input is not given."""
+    if text is None:
+        return None
+    try:
+        check(text)
+    except ValueError as error:
+        return f"{name}: {error}"
+    return None
+
+
+def validation_result(problems) -> object:
+    """What VALIDATE_INPUTS returns: True, or every problem found, one per line."""
+    found = [p for p in problems if p]
+    return True if not found else "\n".join(found)
