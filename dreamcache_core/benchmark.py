@@ -267,16 +267,10 @@ def conditioning(shape: Shape, seed: int):
 
 def personalise(model_patcher, adapter, cache, chunks=(0,)):
     """What Apply DreamCache does: a clone carrying the injection (ComfyUI's optimized memory attention)."""
-    from .adapter import adapter_for_model
-    from .cache import check_cache_fits
-    from .comfy_bridge import comfy_memory_attention
-    from .layers import discover_memory_layers, model_signature
-    from .patch import DreamCacheInjection, attach_injection
+    from .injection import build_injection
+    from .patch import attach_injection
 
-    unet = model_patcher.model.diffusion_model
-    ready = adapter_for_model(adapter, unet)
-    check_cache_fits(cache, discover_memory_layers(unet), model_signature(unet))
-    injection = DreamCacheInjection(ready, cache, 1.0, chunks=chunks, attention=comfy_memory_attention)
+    injection = build_injection(model_patcher, adapter, cache, 1.0, chunks=chunks)
     return attach_injection(model_patcher.clone(), injection), injection
 
 

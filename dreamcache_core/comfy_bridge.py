@@ -241,3 +241,15 @@ def combined_guider(model_patcher, injection, positive, negative, text_cfg: floa
     guider.set_conds(positive, negative)
     guider.set_cfg(text_cfg, image_cfg)
     return guider
+
+
+def adapter_model_patcher(adapter: torch.nn.Module, extra_device_bytes: int = 0):
+    """A ComfyUI ModelPatcher around the adapter, so that ComfyUI's memory manager loads it to the device
+    with the model it patches and offloads it with it (as ComfyUI's own model patches are handed over).
+    Its size is the adapter's weights plus ``extra_device_bytes`` (the memory keys/values sampling holds)."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    size = comfy.model_management.module_size(adapter) + int(extra_device_bytes)
+    return comfy.model_patcher.ModelPatcher(adapter, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device(), size=size)

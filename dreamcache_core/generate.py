@@ -50,6 +50,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .injection import build_injection
+
 SETTINGS_FILE = "settings.json"
 SETTINGS_FORMAT = "dreamcache-generate"
 SETTINGS_VERSION = 1
@@ -269,33 +271,6 @@ def encode_cache(pipeline: Pipeline, reference: Reference, encode_conditioning, 
 # sampling
 # ----------------------------------------------------------------------------------------------------------------
 
-def sigma_range(model, start_percent: float, end_percent: float):
-    """(sigma_start, sigma_end) of the active window, as Apply DreamCache computes it."""
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}); both lie in 0..1.")
-    model_sampling = model.get_model_object("model_sampling")
-    sigma_start = float("inf") if start_percent <= 0.0 else float(model_sampling.percent_to_sigma(start_percent))
-    sigma_end = 0.0 if end_percent >= 1.0 else float(model_sampling.percent_to_sigma(end_percent))
-    return sigma_start, sigma_end
-
-
-def build_injection(model, adapter, cache, strength: float, start_percent: float, end_percent: float, chunks,
-                    reuse_memory_kv: bool = True):
-    """The Apply DreamCache injection: adapter checked (and folded) against the model, cache checked."""
-    from .adapter import adapter_for_model
-    from .cache import check_cache_fits
-    from .comfy_bridge import comfy_memory_attention
-    from .layers import discover_memory_layers, model_signature
-    from .patch import DreamCacheInjection
-
-    unet = model.get_model_object("diffusion_model")
-    ready = adapter_for_model(adapter, unet)
-    check_cache_fits(cache, discover_memory_layers(unet), model_signature(unet))
-    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
-    return DreamCacheInjection(ready, cache, strength, sigma_start, sigma_end, chunks,
-                               reuse_memory_kv=reuse_memory_kv, attention=comfy_memory_attention)
-
-
 class Sampler:
     """Samples latents for one (adapter, cache) pair with the chosen guidance; reused across prompts."""
 
@@ -310,13 +285,13 @@ class Sampler:
             from .patch import POSITIVE_CHUNK, attach_injection
 
             self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
-                                             settings["end_percent"], (POSITIVE_CHUNK,))
+                                             settings["end_percent"], (POSITIVE_CHUNK,), memory_managed=True)
             self.sampling_model = attach_injection(model.clone(), self.injection)
         elif guidance == "combined":
             from .guidance import REFERENCE_CHUNKS
 
             self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
-                                             settings["end_percent"], REFERENCE_CHUNKS)
+                                             settings["end_percent"], REFERENCE_CHUNKS, memory_managed=True)
             self.sampling_model = model
         else:
             raise ValueError(f"--guidance must be one of {GUIDANCE_MODES}, got {guidance!r}.")

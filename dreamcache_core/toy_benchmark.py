@@ -399,19 +399,16 @@ def main(argv=None) -> int:
             first_adapter = adapter
 
     # Samples with Apply DreamCache + KSampler on held-out subjects: does the colour follow the reference?
-    from .adapter import adapter_for_model
     from .cache import combine_caches
-    from .comfy_bridge import comfy_memory_attention
-    from .patch import POSITIVE_CHUNK, DreamCacheInjection, attach_injection
+    from .injection import build_injection
+    from .patch import POSITIVE_CHUNK, attach_injection
 
     count = min(len(eval_samples), 48)
     cache = combine_caches(eval_caches[:count])
     positive = [[torch.stack([s.text_cond for s in eval_samples[:count]]), {}]]
     negative = [[special.empty_cond[None].expand(count, -1, -1), {}]]
     # what Apply DreamCache builds ("positive only", "one reference per image")
-    injection = DreamCacheInjection(adapter_for_model(first_adapter, model.model.diffusion_model), cache, 1.0,
-                                    chunks=(POSITIVE_CHUNK,), attention=comfy_memory_attention,
-                                    reference_mode="per_image")
+    injection = build_injection(model, first_adapter, cache, 1.0, chunks=(POSITIVE_CHUNK,), reference_mode="per_image")
     personalised = attach_injection(model.clone(), injection)
     with_reference = ksample(personalised, positive, negative, count, seed=2)
     without = ksample(model, positive, negative, count, seed=2)

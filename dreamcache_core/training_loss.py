@@ -3,7 +3,7 @@
 One prediction = one pass of ComfyUI's cond path (``CFGGuider`` at cfg 1 with a
 single-pass sampler, exactly what KSampler runs for the positive prompt), on a
 clone of the base MODEL carrying the SAME patch callables Apply DreamCache
-uses (``DreamCacheInjection`` + ``attach_injection``). With gradients enabled
+uses (``injection.build_injection`` + ``attach_injection``). With gradients enabled
 the callables recompute the memory keys/values from the adapter's parameters,
 so only the adapter receives gradients.
 
@@ -31,7 +31,8 @@ from typing import Optional
 import torch
 
 from .cache import combine_caches
-from .patch import DreamCacheInjection, attach_injection
+from .injection import build_injection
+from .patch import attach_injection
 
 
 # --------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def denoising_losses(model_patcher, adapter, rows: list, attention=None, autocas
     """Mean squared output-space residual of each row, [len(rows)], differentiable w.r.t. the adapter.
 
     Rows with a cache are predicted with the adapter injected (strength 1, every chunk, every sigma:
-    ``DreamCacheInjection(chunks=None)`` attached to a clone of ``model_patcher``); rows without one, or
+    ``build_injection(chunks=None)`` attached to a clone of ``model_patcher``); rows without one, or
     every row when ``adapter`` is None, by the plain base model. Rows are grouped into as few U-Net
     passes as their shapes allow (same latent size and text length); in a pass of several rows each row
     attends to its own reference only (``combine_caches`` + the injection's "per_image" reference mode).
@@ -166,11 +167,10 @@ def denoising_losses(model_patcher, adapter, rows: list, attention=None, autocas
         model = model_patcher
         if adapter is not None and key[3]:
             if len(members) == 1:
-                injection = DreamCacheInjection(adapter, members[0].cache, strength=1.0, chunks=None,
-                                                attention=attention)
+                injection = build_injection(model_patcher, adapter, members[0].cache, chunks=None, attention=attention)
             else:  # row i attends to reference i only (padded memories, key-masked)
-                injection = DreamCacheInjection(adapter, combine_caches([r.cache for r in members]), strength=1.0,
-                                                chunks=None, attention=attention, reference_mode="per_image")
+                injection = build_injection(model_patcher, adapter, combine_caches([r.cache for r in members]),
+                                            chunks=None, reference_mode="per_image", attention=attention)
             model = attach_injection(model_patcher.clone(), injection)
         with (autocast() if autocast is not None else contextlib.nullcontext()):
             residual = predict_residual(model, latents, noise, sigmas, conditioning_of(cond, pooled))

@@ -1,11 +1,8 @@
 """Apply DreamCache: patch a clone of MODEL with the adapters and a cache."""
-from ..dreamcache_core.adapter import adapter_for_model
-from ..dreamcache_core.cache import check_cache_fits, parse_reference_weights
-from ..dreamcache_core.comfy_bridge import comfy_memory_attention
-from ..dreamcache_core.controls import layer_strengths, layer_weight_entries
-from ..dreamcache_core.input_checks import check_number
-from ..dreamcache_core.layers import discover_memory_layers, model_signature
-from ..dreamcache_core.patch import POSITIVE_CHUNK, DreamCacheInjection, attach_injection
+from ..dreamcache_core.cache import parse_reference_weights
+from ..dreamcache_core.controls import layer_weight_entries
+from ..dreamcache_core.injection import build_injection as core_build_injection
+from ..dreamcache_core.patch import POSITIVE_CHUNK, attach_injection
 from .widget_checks import text_problem, validation_result, widget_problems
 
 APPLY_TO_CHUNKS = {"positive only": (POSITIVE_CHUNK,), "positive and negative": None}
@@ -50,23 +47,14 @@ def optional_control_inputs(with_schedule=True):
 def build_injection(model, adapter, cache, strength=1.0, start_percent=0.0, end_percent=1.0, chunks=(POSITIVE_CHUNK,),
                     attn_mask=None, reference_mode="all references shared", reference_weights="",
                     middle_weight=1.0, decoder_weight=1.0, layer_weights=""):
-    """Check the inputs against ``model`` and build the injection (not attached yet)."""
-    for name, value in (("strength", strength), ("start_percent", start_percent), ("end_percent", end_percent),
-                        ("middle_weight", middle_weight), ("decoder_weight", decoder_weight)):
-        check_number(value, name)  # a linked input skips VALIDATE_INPUTS: NaN must not pass silently
-    unet = model.get_model_object("diffusion_model")
-    ready_adapter = adapter_for_model(adapter, unet)
-    specs = discover_memory_layers(unet)
-    check_cache_fits(cache, specs, model_signature(unet))
-    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+    """The node inputs (reference_mode as the menu names it) -> the core builder's injection, handed to
+    ComfyUI's memory manager."""
     if reference_mode not in REFERENCE_MODES:
         raise ValueError(f"reference_mode must be one of {list(REFERENCE_MODES)}, got {reference_mode!r}.")
-    weights = parse_reference_weights(reference_weights, cache.num_references)
-    strengths = layer_strengths(specs, middle_weight, decoder_weight, layer_weights)
-    return DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, chunks,
-                               layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
-                               attention=comfy_memory_attention, region_mask=attn_mask,
-                               reference_mode=REFERENCE_MODES[reference_mode], reference_weights=weights)
+    return core_build_injection(model, adapter, cache, strength, start_percent, end_percent, chunks,
+                                region_mask=attn_mask, reference_mode=REFERENCE_MODES[reference_mode],
+                                reference_weights=reference_weights, middle_weight=middle_weight,
+                                decoder_weight=decoder_weight, layer_weights=layer_weights, memory_managed=True)
 
 
 def control_text_problems(reference_weights=None, layer_weights=None) -> list:
@@ -74,15 +62,6 @@ def control_text_problems(reference_weights=None, layer_weights=None) -> list:
     weights' numbers, the layer weights' syntax, values and name forms."""
     return [text_problem(lambda text: parse_reference_weights(text, None), reference_weights, "reference_weights"),
             text_problem(layer_weight_entries, layer_weights, "layer_weights")]
-
-
-def sigma_range(model, start_percent, end_percent):
-    if not 0.0 <= start_percent <= end_percent <= 1.0:
-        raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}); both lie in 0..1.")
-    model_sampling = model.get_model_object("model_sampling")
-    sigma_start = float("inf") if start_percent <= 0.0 else float(model_sampling.percent_to_sigma(start_percent))
-    sigma_end = 0.0 if end_percent >= 1.0 else float(model_sampling.percent_to_sigma(end_percent))
-    return sigma_start, sigma_end
 
 
 class DreamCacheApply:

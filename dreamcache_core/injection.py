@@ -1,0 +1,69 @@
+"""The one builder of a DreamCache injection from what an artist sets.
+
+Apply DreamCache, the DreamCache Guider, headless generation, the benchmarks and the training loss all build
+their ``DreamCacheInjection`` here, so the checks (adapter and cache against the model), the sampling window
+(start/end percent -> sigmas), the per-layer strengths, the region mask and the reference mode mean the same
+everywhere. ``model`` is a ComfyUI ModelPatcher, used only through its duck-typed accessors
+(``get_model_object``); nothing here imports ComfyUI.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+from .adapter import adapter_for_model
+from .cache import DreamCache, check_cache_fits, parse_reference_weights
+from .controls import layer_strengths
+from .input_checks import check_number
+from .layers import discover_memory_layers, model_signature
+from .patch import POSITIVE_CHUNK, DreamCacheInjection
+
+
+def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """(sigma_start, sigma_end) of the window in which the injection is active, from sampling percents."""
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent}); both lie in 0..1.")
+    model_sampling = model.get_model_object("model_sampling")
+    sigma_start = math.inf if start_percent <= 0.0 else float(model_sampling.percent_to_sigma(start_percent))
+    sigma_end = 0.0 if end_percent >= 1.0 else float(model_sampling.percent_to_sigma(end_percent))
+    return sigma_start, sigma_end
+
+
+def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, start_percent: float = 0.0,
+                    end_percent: float = 1.0, chunks: Optional[Iterable[int]] = (POSITIVE_CHUNK,),
+                    region_mask: Optional[torch.Tensor] = None, reference_mode: str = "shared",
+                    reference_weights: Union[str, Sequence[float], None] = None, middle_weight: float = 1.0,
+                    decoder_weight: float = 1.0, layer_weights: str = "", reuse_memory_kv: bool = True,
+                    attention=None, memory_managed: bool = False) -> DreamCacheInjection:
+    """Check ``adapter`` and ``cache`` against ``model`` and build the injection (not attached yet).
+
+    reference_weights: "1, 0.5" (as typed in the node), a list, or None for the cache's own weights.
+    attention: the memory attention; default ComfyUI's optimized attention (what the U-Net itself uses).
+    memory_managed: hand the adapter to ComfyUI's memory manager (loaded and offloaded with the model, its
+    size counted with the memory keys/values); nodes and generation set it, training keeps its adapter itself.
+    """
+    for name, value in (("strength", strength), ("start_percent", start_percent), ("end_percent", end_percent),
+                        ("middle_weight", middle_weight), ("decoder_weight", decoder_weight)):
+        check_number(value, name)  # a linked input skips queue-time validation: NaN must not pass silently
+    unet = model.get_model_object("diffusion_model")
+    ready_adapter = adapter_for_model(adapter, unet)
+    specs = discover_memory_layers(unet)
+    check_cache_fits(cache, specs, model_signature(unet))
+    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+    if isinstance(reference_weights, str):
+        reference_weights = parse_reference_weights(reference_weights, cache.num_references)
+    strengths = layer_strengths(specs, middle_weight, decoder_weight, layer_weights)
+    if attention is None:
+        from .comfy_bridge import comfy_memory_attention as attention
+    injection = DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, chunks,
+                                    layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
+                                    reuse_memory_kv=reuse_memory_kv, attention=attention, region_mask=region_mask,
+                                    reference_mode=reference_mode, reference_weights=reference_weights)
+    if memory_managed:
+        from .comfy_bridge import adapter_model_patcher
+
+        dtype = model.model_dtype() or torch.float32
+        injection.managed_models = [adapter_model_patcher(ready_adapter, injection.device_memory_bytes(dtype))]
+    return injection
