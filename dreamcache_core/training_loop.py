@@ -141,7 +141,8 @@ class AdapterTrainer:
         self.scaler = torch.amp.GradScaler("cuda") if (fp16 and self.device.type == "cuda") else None
         self.step = 0
         self.samples_seen = 0
-        self.history: list = []  # (step, loss) of every optimizer step of this process's run
+        self._history: list = []  # (step, loss) as floats, see ``history``
+        self._unread_losses: list = []  # (step, 0-d loss tensor) not read from the device yet
         self.step_module = _AdapterStep(self.adapter, self)
         self.ddp = None
         if self.dist.enabled:
@@ -204,14 +205,15 @@ class AdapterTrainer:
             return self.config.lr * (step + 1) / self.config.warmup_steps
         return self.config.lr
 
-    def train_step(self) -> float:
-        """One optimizer step; returns the mean loss of the step's samples (over all processes)."""
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step; returns the mean loss of the step's samples (over all processes) as a 0-d tensor
+        on the loss's device. Reading it is a device sync: ``fit`` reads losses at its log interval only."""
         c = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         self.optimizer.zero_grad(set_to_none=True)
         module = self.ddp or self.step_module
-        total = torch.zeros((), dtype=torch.float64)
+        total = None
         with gradient_checkpointing(self.unet, c.gradient_checkpointing):
             for micro in range(c.grad_accum):
                 draws = self.draws_for(self.step, micro)
@@ -221,12 +223,14 @@ class AdapterTrainer:
                     loss = module(draws)
                     scaled = loss / c.grad_accum
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                total += float(loss.detach()) / c.grad_accum
+                part = loss.detach().double() / c.grad_accum
+                total = part if total is None else total + part
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = self._grad_norm()
-        if c.max_grad_norm and c.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), c.max_grad_norm)
+        if c.max_grad_norm and c.max_grad_norm > 0:  # the norm before clipping, as clip_grad_norm_ measures it
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), c.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.adapter.parameters() if p.grad is not None])
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -240,13 +244,17 @@ class AdapterTrainer:
         self.step += 1
         self.samples_seen += c.batch_size * c.grad_accum * self.dist.world_size
         self.last_grad_norm = grad_norm
-        loss_value = float(total)
-        self.history.append((self.step, loss_value))
-        return loss_value
+        self._unread_losses.append((self.step, total))
+        return total
 
-    def _grad_norm(self) -> float:
-        norms = [p.grad.detach().float().norm() for p in self.adapter.parameters() if p.grad is not None]
-        return float(torch.stack(norms).norm()) if norms else 0.0
+    @property
+    def history(self) -> list:
+        """(step, loss) of every optimizer step of this process's run, as floats (read in one sync)."""
+        if self._unread_losses:
+            values = torch.stack([loss for _, loss in self._unread_losses]).tolist()
+            self._history += [(step, value) for (step, _), value in zip(self._unread_losses, values)]
+            self._unread_losses = []
+        return self._history
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> str:
@@ -322,22 +330,31 @@ class AdapterTrainer:
         start = time.perf_counter()
         samples_at_start = self.samples_seen
         running = None
+        logged = len(self.history)
         try:
             while self.step < target:
-                loss = self.train_step()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"The loss became {loss} at step {self.step}; lower --lr or use "
-                                             "--mixed-precision no.")
-                running = loss if running is None else 0.9 * running + 0.1 * loss
-                elapsed = time.perf_counter() - start
-                rate = (self.samples_seen - samples_at_start) / max(elapsed, 1e-9)
+                self.train_step()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{rate:.1f}")
-                if log_writer and (self.step % c.log_every == 0 or self.step == target):
-                    log_writer.write({"step": self.step, "samples": self.samples_seen, "loss": f"{loss:.6f}",
-                                      "lr": f"{self.lr_at(self.step - 1):.3g}", "grad_norm": f"{self.last_grad_norm:.4g}",
-                                      "samples_per_s": f"{rate:.2f}", "elapsed_s": f"{elapsed:.1f}"})
+                if self.step % c.log_every == 0 or self.step == target:  # losses stay on the device until then
+                    history = self.history
+                    new_losses = [loss for _, loss in history[logged:]]
+                    logged = len(history)
+                    bad = next((loss for loss in new_losses if not math.isfinite(loss)), None)
+                    if bad is not None:
+                        raise FloatingPointError(f"The loss became {bad} by step {self.step}; lower --lr or use "
+                                                 "--mixed-precision no.")
+                    for loss in new_losses:
+                        running = loss if running is None else 0.9 * running + 0.1 * loss
+                    elapsed = time.perf_counter() - start
+                    rate = (self.samples_seen - samples_at_start) / max(elapsed, 1e-9)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{rate:.1f}")
+                    if log_writer:
+                        log_writer.write({"step": self.step, "samples": self.samples_seen,
+                                          "loss": f"{new_losses[-1]:.6f}", "lr": f"{self.lr_at(self.step - 1):.3g}",
+                                          "grad_norm": f"{float(self.last_grad_norm):.4g}",
+                                          "samples_per_s": f"{rate:.2f}", "elapsed_s": f"{elapsed:.1f}"})
                 if c.save_every and self.step % c.save_every == 0 and self.step < target:
                     self.save_checkpoint()
         finally:
