@@ -297,21 +297,6 @@ def make_timed_sampler(device: torch.device, record: list):
     return TimedEulerSampler()
 
 
-def make_single_pass_sampler():
-    """The Encode pass's sampler shape without capture: noise to sigma(t=1), one model call."""
-    import comfy.samplers
-
-    class SinglePassSampler(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-                   disable_pbar=False):
-            sigma = sigmas[0]
-            x = model_wrap.inner_model.model_sampling.noise_scaling(sigma, noise, latent_image)
-            model_wrap(x, sigma.expand(x.shape[0]), **extra_args)
-            return latent_image
-
-    return SinglePassSampler()
-
-
 def sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, device) -> list:
     """One sampling run through CFGGuider; returns the time of each model call (each step)."""
     import comfy.sample
@@ -330,19 +315,15 @@ def sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, d
 def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
     """Wall time of one plain model call on ``latent`` through the Encode pass's own path (no capture)."""
     import comfy.sample
-    import comfy.samplers
 
-    from .comfy_bridge import encode_sigma
+    from .comfy_bridge import encode_sigma, single_model_pass
 
-    guider = comfy.samplers.CFGGuider(model_patcher)
-    guider.set_conds(cond, cond)
-    guider.set_cfg(1.0)
     noise = comfy.sample.prepare_noise(latent, seed)
-    sigmas = torch.tensor([encode_sigma(model_patcher), 0.0])
+    sigma = torch.tensor([encode_sigma(model_patcher)])
     synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
-        guider.sample(noise, latent, make_single_pass_sampler(), sigmas, disable_pbar=True, seed=seed)
+        single_model_pass(model_patcher, latent, noise, cond, sigma, seed)
     synchronize(device)
     return time.perf_counter() - start
 

@@ -57,40 +57,6 @@ def model_output_residual(model_sampling, sigma: torch.Tensor, x0: torch.Tensor,
     return (denoised - x0) / output_scale(model_sampling, sigma, x0)
 
 
-# --------------------------------------------------------------------------
-# One training pass through ComfyUI's sampling machinery
-# --------------------------------------------------------------------------
-
-_SAMPLER_CLASS = None
-
-
-def _training_pass_sampler_class():
-    global _SAMPLER_CLASS
-    if _SAMPLER_CLASS is None:
-        import comfy.samplers
-
-        class TrainingPassSampler(comfy.samplers.Sampler):
-            """Noise each row to its own sigma, run the model once (cond only), keep the output-space residual."""
-
-            def __init__(self, row_sigmas: torch.Tensor):
-                self.row_sigmas = row_sigmas
-                self.residual = None
-                self.denoised = None
-
-            def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-                       disable_pbar=False):
-                model_sampling = model_wrap.inner_model.model_sampling
-                sigma = self.row_sigmas.to(device=latent_image.device, dtype=torch.float32)
-                x_t = model_sampling.noise_scaling(sigma, noise, latent_image)
-                denoised = model_wrap(x_t, sigma, **extra_args)
-                self.denoised = denoised
-                self.residual = model_output_residual(model_sampling, sigma, latent_image, denoised)
-                return latent_image
-
-        _SAMPLER_CLASS = TrainingPassSampler
-    return _SAMPLER_CLASS
-
-
 def conditioning_of(cond: torch.Tensor, pooled: Optional[torch.Tensor]) -> list:
     """A ComfyUI CONDITIONING for a batch: cond [B, T, D], pooled [B, P] or None."""
     options = {} if pooled is None else {"pooled_output": pooled}
@@ -104,15 +70,10 @@ def predict_residual(model_patcher, latents: torch.Tensor, noise: torch.Tensor, 
     ``latents`` are raw VAE latents (LATENT["samples"]); ComfyUI's guider applies the model's latent
     format (``process_latent_in``) and its patches, just as KSampler does. Differentiable.
     """
-    import comfy.samplers
+    from .comfy_bridge import single_model_pass
 
-    sampler = _training_pass_sampler_class()(sigmas.detach().float().cpu())
-    guider = comfy.samplers.CFGGuider(model_patcher)
-    guider.inner_set_conds({"positive": conditioning})
-    guider.set_cfg(1.0)
-    schedule = torch.stack([sigmas.detach().float().cpu().max(), torch.tensor(0.0)])
-    guider.sample(noise, latents, sampler, schedule, disable_pbar=True, seed=0)
-    return sampler.residual
+    result = single_model_pass(model_patcher, latents, noise, conditioning, sigmas)
+    return model_output_residual(result.model_sampling, result.sigma, result.latent, result.denoised)
 
 
 # --------------------------------------------------------------------------
