@@ -48,6 +48,9 @@ from typing import Callable, Optional
 
 import torch
 
+from .comfy_bridge.models import random_model
+from .comfy_bridge.sampling import comfyui_environment, schedule_sigmas
+
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
     "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
@@ -212,47 +215,6 @@ def synchronize(device: torch.device):
 # models (ComfyUI imported lazily)
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def initialise_seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """ComfyUI's ops skip initialisation: give every parameter seeded values of a sensible scale.
-
-    Matrices/convolutions get N(0, 1/fan_in), biases N(0, 0.02^2), 1-d scales 1 + N(0, 0.1^2).
-    """
-    generators = {}
-    for name, p in module.named_parameters():
-        device = p.device
-        generator = generators.get(str(device))
-        if generator is None:
-            generator = generators[str(device)] = torch.Generator(device=device).manual_seed(seed)
-        values = torch.randn(p.shape, generator=generator, device=device, dtype=torch.float32)
-        if name.endswith("bias"):
-            values.mul_(0.02)
-        elif p.dim() == 1:
-            values.mul_(0.1).add_(1.0)
-        else:
-            values.div_(math.sqrt(p[0].numel()))
-        p.copy_(values.to(p.dtype))
-        del values
-    return module
-
-
-def build_model(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A ModelPatcher around ``shape``'s U-Net with seeded random weights on ``device``."""
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    unet_config = dict(shape.unet)
-    unet_config["dtype"] = dtype
-    config_class = comfy.supported_models.SDXL if shape.family == "sdxl" else comfy.supported_models.SD15
-    model_config = config_class(unet_config)
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device=device)
-    initialise_seeded(model.diffusion_model, seed)
-    model.diffusion_model.to(device=device, dtype=dtype)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
-
-
 def conditioning(shape: Shape, seed: int):
     """A CONDITIONING of random text embeddings (SDXL: plus the pooled vector and size conditioning)."""
     generator = torch.Generator().manual_seed(seed)
@@ -274,51 +236,19 @@ def personalise(model_patcher, adapter, cache, chunks=(0,)):
     return attach_injection(model_patcher.clone(), injection), injection
 
 
-def make_timed_sampler(device: torch.device, record: list):
-    """A ComfyUI Sampler doing Euler steps, timing every model call (synchronised on GPUs)."""
-    import comfy.samplers
-
-    class TimedEulerSampler(comfy.samplers.Sampler):
-        def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-                   disable_pbar=False):
-            model_sampling = model_wrap.inner_model.model_sampling
-            x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-            s_in = x.new_ones([x.shape[0]])
-            for i in range(len(sigmas) - 1):
-                synchronize(device)
-                start = time.perf_counter()
-                denoised = model_wrap(x, sigmas[i] * s_in, **extra_args)
-                synchronize(device)
-                record.append(time.perf_counter() - start)
-                d = (x - denoised) / sigmas[i]
-                x = x + d * (sigmas[i + 1] - sigmas[i])
-            return x
-
-    return TimedEulerSampler()
-
-
 def sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, device) -> list:
     """One sampling run through CFGGuider; returns the time of each model call (each step)."""
-    import comfy.sample
-    import comfy.samplers
+    from .comfy_bridge.sampling import sample_timed as bridge_sample_timed
 
-    record: list = []
-    guider = comfy.samplers.CFGGuider(model_patcher)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    with torch.no_grad():
-        guider.sample(noise, latent, make_timed_sampler(device, record), sigmas, disable_pbar=True, seed=seed)
-    return record
+    return bridge_sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, lambda: synchronize(device))
 
 
 def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
     """Wall time of one plain model call on ``latent`` through the Encode pass's own path (no capture)."""
-    import comfy.sample
-
     from .comfy_bridge import encode_sigma, single_model_pass
+    from .comfy_bridge.sampling import prepare_noise
 
-    noise = comfy.sample.prepare_noise(latent, seed)
+    noise = prepare_noise(latent, seed)
     sigma = torch.tensor([encode_sigma(model_patcher)])
     synchronize(device)
     start = time.perf_counter()
@@ -389,17 +319,6 @@ class BenchmarkSettings:
     apply_to: str = "positive"  # "positive" (joint guidance) or "both"
 
 
-def memory_kv_bytes(injection, dtype: torch.dtype) -> int:
-    """Bytes of the memory keys and values the injection keeps for a sampling run (all layers)."""
-    element = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for key in injection.adapter.keys():
-        spec = injection.adapter.specs[key]
-        tokens = injection.cache.memory_tokens(key).shape[1]
-        total += 2 * tokens * spec.heads * spec.dim_head * element
-    return total
-
-
 def center_mask(side: int, fraction: float) -> torch.Tensor:
     """A centred square subject mask covering about ``fraction`` of a side x side latent image (pixels: 8x)."""
     pixels = side * 8
@@ -413,14 +332,12 @@ def center_mask(side: int, fraction: float) -> torch.Tensor:
 def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, settings: BenchmarkSettings,
                     log: Callable[[str], None] = print) -> dict:
     """Run the whole benchmark for one shape; returns a JSON-ready dict."""
-    import comfy.samplers
-
     from .adapter import build_adapter
     from .adapter_io import adapter_state_dict
     from .layers import discover_memory_layers, model_signature
 
     build_start = time.perf_counter()
-    model = build_model(shape, device, dtype, settings.seed)
+    model = random_model(shape.family, shape.unet, settings.seed, dtype, device)
     unet = model.model.diffusion_model
     specs = discover_memory_layers(unet)
     adapter = build_adapter(specs, model_signature(unet)).randomize_(seed=settings.seed + 1, scale=0.5)
@@ -452,8 +369,7 @@ def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, sett
     # --- per step: unpatched (A) vs personalised (B), alternating ---------------------------------------------
     chunks = (0,) if settings.apply_to == "positive" else None
     personalised, injection = personalise(model, adapter, cache, chunks)
-    model_sampling = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(model_sampling, "normal", settings.steps).cpu()
+    sigmas = schedule_sigmas(model, "normal", settings.steps).cpu()
     runs = {"A": [], "B": []}
     peaks = {"A": [], "B": []}
     models = {"A": model, "B": personalised}
@@ -509,7 +425,7 @@ def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, sett
         "peak_memory_bytes": {"unpatched": spread(peaks["A"]), "personalised": spread(peaks["B"])},
         "peak_memory_extra_bytes": median([b - a for a, b in zip(peaks["A"], peaks["B"])]),
         "cache_bytes_per_reference": cache.nbytes() // max(cache.num_references, 1),
-        "memory_kv_bytes": memory_kv_bytes(injection, dtype),
+        "memory_kv_bytes": injection.memory_kv_bytes(dtype),
         "adapter_parameters": adapter_params,
         "adapter_bytes_fp32": adapter_file_bytes,
         "adapter_bytes_fp16": adapter_params * 2,
@@ -597,12 +513,7 @@ def environment_info(device: torch.device) -> dict:
         info["device_name"] = torch.cuda.get_device_name(device)
     else:
         info["device_name"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    try:
-        import comfy.ldm.modules.attention as attention
-
-        info["attention"] = f"ComfyUI attention {attention.optimized_attention.__name__}"
-    except Exception:  # ComfyUI not imported: reported as unknown
-        info["attention"] = "attention unknown"
+    info["attention"] = comfyui_environment()["attention"]
     return info
 
 

@@ -50,6 +50,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .comfy_bridge.models import comfy_nodes_module
 from .injection import build_injection
 
 SETTINGS_FILE = "settings.json"
@@ -140,17 +141,6 @@ def list_images(folder: str) -> list[str]:
 # the ComfyUI pipeline (checkpoint -> text / image encoders, sampler)
 # ----------------------------------------------------------------------------------------------------------------
 
-def comfy_nodes_module():
-    """ComfyUI's own ``nodes`` module (never this pack's ``nodes`` package)."""
-    import importlib
-
-    module = importlib.import_module("nodes")
-    if not hasattr(module, "common_ksampler"):
-        raise RuntimeError(f"'import nodes' found {getattr(module, '__file__', module)}, not ComfyUI's nodes.py. "
-                           "Run from a folder that is not the pack's root, or pass --comfyui.")
-    return module
-
-
 class Pipeline:
     """The model and the ComfyUI operations generation needs. Tests substitute the encoders."""
 
@@ -177,17 +167,9 @@ class Pipeline:
 
 def load_pipeline(checkpoint: str) -> Pipeline:
     """Load Checkpoint: MODEL, CLIP and VAE from one checkpoint file."""
-    import comfy.sd
-    import folder_paths
+    from .comfy_bridge.models import load_checkpoint
 
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"Checkpoint not found: {checkpoint}")
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-        checkpoint, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
-    if clip is None or vae is None:
-        raise ValueError(f"{os.path.basename(checkpoint)} holds no text encoder or no VAE; use a full checkpoint "
-                         "(SD1.5, SD2.x or SDXL) such as the ones Load Checkpoint reads.")
-    return Pipeline(model, clip, vae)
+    return Pipeline(*load_checkpoint(checkpoint, need_encoders=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,27 +279,18 @@ class Sampler:
             raise ValueError(f"--guidance must be one of {GUIDANCE_MODES}, got {guidance!r}.")
 
     def sample(self, positive, negative, seeds: list[int], latent_shape) -> torch.Tensor:
-        import comfy.sample
-        import comfy.samplers
+        from .comfy_bridge import combined_guider
+        from .comfy_bridge.sampling import empty_latent_for, guider_sample, ksampler_sample, prepare_noise
 
         s = self.settings
-        latent = torch.zeros((len(seeds),) + tuple(latent_shape))
-        latent = comfy.sample.fix_empty_latent_channels(self.model, latent)
-        noise = torch.cat([comfy.sample.prepare_noise(latent[:1], seed) for seed in seeds])
+        latent = empty_latent_for(self.model, torch.zeros((len(seeds),) + tuple(latent_shape)))
+        noise = torch.cat([prepare_noise(latent[:1], seed) for seed in seeds])
         if s["guidance"] == "combined" and self.injection is not None:
-            from .comfy_bridge import combined_guider
-            import comfy.model_management
-
             guider = combined_guider(self.model, self.injection, positive, negative, s["text_cfg"], s["image_cfg"])
-            ksampler = comfy.samplers.KSampler(self.model, steps=s["steps"], device=self.model.load_device,
-                                               sampler=s["sampler"], scheduler=s["scheduler"], denoise=1.0,
-                                               model_options=self.model.model_options)
-            samples = guider.sample(noise, latent, comfy.samplers.sampler_object(s["sampler"]), ksampler.sigmas,
-                                    disable_pbar=True, seed=seeds[0])
-            return samples.to(comfy.model_management.intermediate_device())
+            return guider_sample(guider, noise, latent, s["steps"], s["sampler"], s["scheduler"], seeds[0])
         cfg = s["text_cfg"] if s["guidance"] == "combined" else s["cfg"]
-        return comfy.sample.sample(self.sampling_model, noise, s["steps"], cfg, s["sampler"], s["scheduler"],
-                                   positive, negative, latent, denoise=1.0, disable_pbar=True, seed=seeds[0])
+        return ksampler_sample(self.sampling_model, noise, s["steps"], cfg, s["sampler"], s["scheduler"], positive,
+                               negative, latent, seeds[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,15 +380,13 @@ def resolve_seeds(settings: dict) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def environment_info() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
-    try:
-        import comfy.model_management
-        import comfyui_version
+    from .comfy_bridge.sampling import comfyui_environment
 
-        info["comfyui"] = comfyui_version.__version__
-        info["device"] = str(comfy.model_management.get_torch_device())
-    except Exception:  # ComfyUI without comfyui_version.py: its version stays unknown
-        info.setdefault("comfyui", "unknown")
+    info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    found = comfyui_environment()
+    info["comfyui"] = found["comfyui"]
+    if "device" in found:
+        info["device"] = found["device"]
     return info
 
 

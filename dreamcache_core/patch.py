@@ -168,16 +168,18 @@ class DreamCacheInjection:
         """ModelPatchers ComfyUI's memory manager loads and offloads with the model (the adapter's)."""
         return list(self.managed_models)
 
-    def device_memory_bytes(self, dtype: torch.dtype) -> int:
-        """What sampling holds on the device beyond the adapter's weights: per memory layer the memory tokens
-        and their keys and values, at ``dtype`` (every reference, every token: the worst case)."""
+    def memory_kv_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the memory keys and values a sampling run keeps at ``dtype`` (every layer, every token)."""
         size = torch.empty((), dtype=dtype).element_size()
-        total = 0
-        for key in self.adapter.keys():
-            spec = self.adapter.specs[key]
-            tokens = sum(self.cache.token_counts(key))
-            total += tokens * (spec.channels + 2 * spec.heads * spec.dim_head) * size
-        return total
+        return sum(sum(self.cache.token_counts(key)) * 2 * spec.heads * spec.dim_head * size
+                   for key, spec in self.adapter.specs.items())
+
+    def device_memory_bytes(self, dtype: torch.dtype) -> int:
+        """What sampling holds on the device beyond the adapter's weights: the memory keys and values and the
+        memory tokens they are projected from, at ``dtype`` (every reference, every token: the worst case)."""
+        size = torch.empty((), dtype=dtype).element_size()
+        tokens = sum(sum(self.cache.token_counts(key)) * spec.channels * size for key, spec in self.adapter.specs.items())
+        return self.memory_kv_bytes(dtype) + tokens
 
 
 class DreamCacheNorm1Patch:

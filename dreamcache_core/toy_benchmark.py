@@ -168,12 +168,11 @@ def labels_of(subjects):
 
 
 def ksample(model, positive, negative, batch, seed, steps=20, cfg=3.0):
-    import comfy.sample
+    from .comfy_bridge.sampling import ksampler_sample, prepare_noise
 
     latent = torch.zeros(batch, 4, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
-                               disable_pbar=True, seed=seed)
+    return ksampler_sample(model, prepare_noise(latent, seed), steps, cfg, "euler", "normal", positive, negative,
+                           latent, seed)
 
 
 def accuracy(classifier, latents, shapes, colours):
@@ -318,7 +317,7 @@ def main(argv=None) -> int:
     log(f"[2/5] pretraining the base U-Net ({args.prediction} prediction, {args.base_steps} steps of "
         f"{args.batch_size}) [{time.perf_counter() - started:.0f} s]")
     base_started = time.perf_counter()
-    from .training_models import model_from_unet_config, save_unet_weights
+    from .comfy_bridge.models import model_from_unet_config, save_unet_weights
 
     unet_config = tw.toy_unet_config(context_dim=32)
     weights = os.path.join(args.out, "toy_base_unet.safetensors")
@@ -333,7 +332,7 @@ def main(argv=None) -> int:
         with open(config_path) as handle:
             cached = json.load(handle).get("recipe")
     if cached == json.loads(json.dumps(recipe)):
-        from .training_models import read_unet_config
+        from .comfy_bridge.models import read_unet_config
 
         model = model_from_unet_config(*read_unet_config(config_path), weights, device="cpu")
         base_reused = True

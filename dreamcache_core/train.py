@@ -98,10 +98,10 @@ def load_model(args):
     if bool(args.checkpoint) == bool(args.unet_config):
         raise ValueError("Give exactly one of --checkpoint (a real model) and --unet-config (a test/toy U-Net).")
     if args.checkpoint:
-        from .training_models import load_checkpoint
+        from .comfy_bridge.models import load_checkpoint
 
         return load_checkpoint(args.checkpoint, args.unet_dtype)
-    from .training_models import DTYPES, model_from_unet_config, read_unet_config
+    from .comfy_bridge.models import DTYPES, model_from_unet_config, read_unet_config
 
     unet_config, prediction = read_unet_config(args.unet_config)
     dtype = DTYPES.get(args.unet_dtype, torch.float32)

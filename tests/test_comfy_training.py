@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tiny_models import initialise_seeded, ksample
+from tiny_models import ksample
 from run_as_comfyui import run_node
 
 N_SAMPLES = 6
@@ -52,7 +52,7 @@ def world(tmp_path_factory):
 
 def make_model(prediction="eps", seed=0):
     from comfyui_dreamcache.dreamcache_core import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.training_models import model_from_unet_config
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import initialise_seeded, model_from_unet_config
 
     return model_from_unet_config(tw.toy_unet_config(context_dim=TOY_CONTEXT), prediction, device="cpu",
                                   initialise=lambda unet: initialise_seeded(unet, seed))
@@ -284,7 +284,7 @@ def test_command_line_trains_resumes_and_precomputes(world, tmp_path):
     from comfyui_dreamcache.dreamcache_core import toy_world as tw
     from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter
     from comfyui_dreamcache.dreamcache_core.train import main
-    from comfyui_dreamcache.dreamcache_core.training_models import save_unet_weights
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import save_unet_weights
 
     model = make_model()
     weights = tmp_path / "unet.safetensors"
@@ -350,7 +350,7 @@ def test_torchrun_two_processes_train_exactly_like_one_with_the_whole_batch(worl
     from comfyui_dreamcache.dreamcache_core import toy_world as tw
     from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter
     from comfyui_dreamcache.dreamcache_core.train import main
-    from comfyui_dreamcache.dreamcache_core.training_models import save_unet_weights
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import save_unet_weights
 
     weights, config = tmp_path / "unet.safetensors", tmp_path / "unet.json"
     save_unet_weights(make_model(), str(weights))

@@ -12,34 +12,11 @@ TINY_SD15 = {
 CONTEXT_DIM = TINY_SD15["context_dim"]
 
 
-@torch.no_grad()
-def initialise_seeded(module: torch.nn.Module, seed: int = 0):
-    """ComfyUI's ops skip init: fill every parameter and buffer with seeded values."""
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        if name.endswith("bias"):
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-        elif p.dim() == 1:  # norm scales
-            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator))
-        else:
-            fan_in = p[0].numel()
-            p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
-    return module
-
-
 def tiny_sd15_model(seed: int = 0, dtype=torch.float32, config=None):
-    """A ModelPatcher around a tiny SD1.5-shaped U-Net (epsilon prediction) on the CPU."""
-    import comfy.model_patcher
-    import comfy.supported_models
+    """A ModelPatcher around a tiny SD1.5-shaped U-Net (epsilon prediction) on the CPU, seeded weights."""
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import random_model
 
-    unet_config = dict(config or TINY_SD15)
-    unet_config["dtype"] = dtype
-    model_config = comfy.supported_models.SD15(unet_config)
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    initialise_seeded(model.diffusion_model, seed)
-    model.diffusion_model.to(dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return random_model("sd15", config or TINY_SD15, seed, dtype)
 
 
 def text_conditioning(seed: int, tokens: int = 8, batch: int = 1):
@@ -72,17 +49,9 @@ SDXL_POOLED_DIM = 1280  # CLIP-G pooled output; adm = pooled + 6 size embeddings
 
 def tiny_sdxl_model(seed: int = 0, dtype=torch.float32, config=None):
     """A ModelPatcher around a tiny SDXL-shaped U-Net (comfy.supported_models.SDXL, epsilon) on the CPU."""
-    import comfy.model_patcher
-    import comfy.supported_models
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import random_model
 
-    unet_config = dict(config or TINY_SDXL)
-    unet_config["dtype"] = dtype
-    model_config = comfy.supported_models.SDXL(unet_config)
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device=torch.device("cpu"))
-    initialise_seeded(model.diffusion_model, seed)
-    model.diffusion_model.to(dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return random_model("sdxl", config or TINY_SDXL, seed, dtype)
 
 
 def sdxl_text_conditioning(seed: int, tokens: int = 8, batch: int = 1, size: int = 1024):

@@ -1,0 +1,95 @@
+"""Encode DreamCache: one U-Net pass at t = 1 on the reference, the memory layers' inputs kept."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..cache import DreamCache
+from ..encode import cache_from_features, capture_memory_inputs
+from ..input_checks import check_finite_tensor
+from .model_pass import single_model_pass
+
+ENCODE_TIMESTEP = 1  # the reference is noised to t = 1, the least noisy step
+
+
+def encode_sigma(model_patcher) -> float:
+    """sigma of the encode timestep t = 1 for this model."""
+    model_sampling = model_patcher.get_model_object("model_sampling")
+    return float(model_sampling.sigma(torch.tensor([float(ENCODE_TIMESTEP)]))[0])
+
+
+def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning, seed: int,
+                     mask: Optional[torch.Tensor] = None) -> DreamCache:
+    """One U-Net pass at t = 1 on the reference latent(s) through ComfyUI's own sampling machinery.
+
+    The model is placed by ComfyUI's memory manager and keeps every patch it carries (LoRAs, wrappers);
+    ``conditioning`` is a ComfyUI CONDITIONING (typically the empty or negative prompt). Returns the
+    cache of the memory layers' inputs; ``mask`` [N or 1, H, W] drops background tokens.
+    """
+    import comfy.sample
+
+    latent = comfy.sample.fix_empty_latent_channels(model_patcher, reference_latent)
+    expected_channels = model_patcher.get_model_object("latent_format").latent_channels
+    if latent.dim() != 4 or latent.shape[1] != expected_channels:
+        raise ValueError(
+            f"The reference latent has shape {tuple(latent.shape)}, but this model works on {expected_channels}-channel "
+            "latents. Encode the reference image with this model's VAE (VAE Encode) before Encode DreamCache."
+        )
+    if torch.count_nonzero(latent) == 0:
+        raise ValueError("The reference latent is all zeros (an empty latent). Encode a reference image with VAE Encode.")
+    check_finite_tensor(latent, "The reference LATENT", "Check the image and the VAE Encode before Encode DreamCache "
+                        "(a NaN pixel or a VAE run in too low a precision gives NaN latents).")
+    if mask is not None:
+        check_finite_tensor(mask, "The Encode DreamCache mask", "Give a mask with values in 0..1.")
+    check_latent_size(model_patcher.model.diffusion_model, latent)
+    model_patcher = without_dreamcache_patches(model_patcher)
+
+    sigma = encode_sigma(model_patcher)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    unet = model_patcher.model.diffusion_model
+    features = capture_memory_inputs(
+        unet, lambda: single_model_pass(model_patcher, latent, noise, conditioning, torch.tensor([sigma]), seed))
+    metadata = {
+        "latent_size": [int(latent.shape[2]), int(latent.shape[3])],
+        "seed": int(seed),
+        "timestep": ENCODE_TIMESTEP,
+        "sigma": sigma,
+        "num_references": int(latent.shape[0]),
+    }
+    return cache_from_features(unet, {k: v.cpu() for k, v in features.items()}, mask, metadata)
+
+
+def without_dreamcache_patches(model_patcher):
+    """``model_patcher`` itself when it carries no DreamCache injection, else a clone without this pack's own
+    attn1 patches (other packs' patches, LoRAs and wrappers stay): Encode must cache the base model's features,
+    also when it is fed the MODEL that Apply DreamCache returned."""
+    from ..patch import DreamCacheNorm1Patch, DreamCacheOutputPatch
+
+    ours = (DreamCacheNorm1Patch, DreamCacheOutputPatch)
+    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
+    if not any(isinstance(p, ours) for name in ("attn1_patch", "attn1_output_patch") for p in patches.get(name, [])):
+        return model_patcher
+    clone = model_patcher.clone()
+    clone_patches = clone.model_options["transformer_options"]["patches"]
+    for name in ("attn1_patch", "attn1_output_patch"):
+        if name in clone_patches:
+            kept = [p for p in clone_patches[name] if not isinstance(p, ours)]
+            if kept:
+                clone_patches[name] = kept
+            else:
+                del clone_patches[name]
+    return clone
+
+
+def check_latent_size(unet, latent: torch.Tensor) -> None:
+    """ValueError when the latent is too small for the U-Net's downsampling: every downsampling but the last must
+    halve a side of at least 2 latent pixels (smaller maps collapse to 1x1 and the pass fails in a GroupNorm)."""
+    downsamplings = sum(1 for module in unet.input_blocks.modules() if type(module).__name__ == "Downsample")
+    minimum = 2 ** max(downsamplings - 1, 0)
+    height, width = int(latent.shape[2]), int(latent.shape[3])
+    if min(height, width) < minimum:
+        raise ValueError(
+            f"The reference latent is {width}x{height}, too small for this U-Net's {downsamplings} downsamplings: it "
+            f"needs at least {minimum}x{minimum} latent pixels ({minimum * 8}x{minimum * 8} image pixels). Give a "
+            "larger reference image (ideally the model's resolution, e.g. 512 for SD1.5).")
