@@ -1,14 +1,11 @@
 """Tiny SD-shaped ComfyUI models with seeded random weights (ComfyUI imported lazily)."""
 import torch
 
-TINY_SD15 = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 32, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 64, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
+from comfyui_dreamcache.dreamcache_core.benchmark import SHAPES
+
+# The benchmark's tiny shapes: the SD1.5 layout at width 32 (text width 64); SDXL's layout (no attention at the
+# highest resolution, transformer depth 2, linear projections, adm = pooled + sizes) at width 32.
+TINY_SD15 = dict(SHAPES["tiny"].unet)
 CONTEXT_DIM = TINY_SD15["context_dim"]
 
 
@@ -35,15 +32,7 @@ def ksample(model, positive, negative, latent, seed=0, steps=3, cfg=5.0, sampler
     return out["samples"]
 
 
-# SDXL-shaped: no attention at the highest resolution, transformer depth 2, linear proj, adm (pooled + sizes).
-TINY_SDXL = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 32,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 2, 2], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 2, "use_linear_in_transformer": True, "context_dim": 64, "num_head_channels": 16,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 2, 2, 2],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
+TINY_SDXL = dict(SHAPES["tiny-sdxl"].unet)
 SDXL_POOLED_DIM = 1280  # CLIP-G pooled output; adm = pooled + 6 size embeddings of 256 = 2816
 
 
