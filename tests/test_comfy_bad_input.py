@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from run_as_comfyui import run_node
-from tiny_models import text_conditioning, tiny_sd15_model
+from tiny_models import text_conditioning, tiny_setup
 
 NAN, INF = float("nan"), float("inf")
 LATENT = 8
@@ -15,18 +15,11 @@ LATENT = 8
 
 @pytest.fixture(scope="module")
 def env():
-    from conftest import import_comfy
-    import_comfy()
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+    setup = tiny_setup()
     from comfyui_dreamcache.nodes import apply, cache_files, combine, encode, guider, mask_reference
-
-    model = tiny_sd15_model(seed=0)
-    unet = model.model.diffusion_model
     reference = {"samples": torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))}
-    (cache,) = run_node(encode.DreamCacheEncode, model, reference, text_conditioning(0), seed=0)
-    adapter = build_adapter(discover_memory_layers(unet), model_signature(unet)).randomize_(seed=7, scale=0.5)
-    return {"model": model, "reference": reference, "cache": cache, "adapter": adapter,
+    (cache,) = run_node(encode.DreamCacheEncode, setup["model"], reference, text_conditioning(0), seed=0)
+    return {"model": setup["model"], "reference": reference, "cache": cache, "adapter": setup["trained"],
             "Apply": apply.DreamCacheApply, "Encode": encode.DreamCacheEncode, "Guider": guider.DreamCacheGuider,
             "Combine": combine.DreamCacheCombine, "Save": cache_files.DreamCacheSave,
             "MaskReference": mask_reference.DreamCacheMaskReference, "build_injection": apply.build_injection}

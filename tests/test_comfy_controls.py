@@ -6,7 +6,7 @@ Skipped (with the reason) when COMFYUI_PATH is unset.
 import pytest
 import torch
 
-from tiny_models import sdxl_text_conditioning, text_conditioning, tiny_sd15_model, tiny_sdxl_model
+from tiny_models import sdxl_text_conditioning, text_conditioning, tiny_setup
 from run_as_comfyui import in_prompt, run_node
 
 LATENT = 8     # 8x8 latents (64 px) unless a test needs finer token grids
@@ -15,22 +15,12 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def sd15():
-    from conftest import import_comfy
-    import_comfy()
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+    setup = tiny_setup()
     from comfyui_dreamcache.nodes.encode import DreamCacheEncode
-
-    model = tiny_sd15_model(seed=0)
-    unet = model.model.diffusion_model
-    specs = discover_memory_layers(unet)
     references = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    caches = [run_node(DreamCacheEncode, model, {"samples": references[i:i + 1]}, text_conditioning(0), seed=0)[0]
-              for i in range(2)]
-    trained = build_adapter(specs, model_signature(unet)).randomize_(seed=7, scale=0.5)
-    return {"model": model, "unet": unet, "specs": specs, "caches": caches, "trained": trained,
-            "fresh": build_adapter(specs, model_signature(unet)), "positive": text_conditioning(1),
-            "negative": text_conditioning(2)}
+    caches = [run_node(DreamCacheEncode, setup["model"], {"samples": references[i:i + 1]}, text_conditioning(0),
+                       seed=0)[0] for i in range(2)]
+    return dict(setup, caches=caches, positive=text_conditioning(1), negative=text_conditioning(2))
 
 
 class FixedNoise:
@@ -329,21 +319,11 @@ def test_one_reference_per_image_gives_image_i_from_reference_i(sd15):
 
 @pytest.fixture(scope="module")
 def sdxl():
-    from conftest import import_comfy
-    import_comfy()
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+    setup = tiny_setup("sdxl")
     from comfyui_dreamcache.nodes.encode import DreamCacheEncode
-
-    model = tiny_sdxl_model(seed=0)
-    unet = model.model.diffusion_model
-    specs = discover_memory_layers(unet)
     reference = {"samples": torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))}
-    (cache,) = run_node(DreamCacheEncode, model, reference, sdxl_text_conditioning(0), seed=0)
-    return {"model": model, "unet": unet, "specs": specs, "cache": cache,
-            "trained": build_adapter(specs, model_signature(unet)).randomize_(seed=7, scale=0.5),
-            "fresh": build_adapter(specs, model_signature(unet)),
-            "positive": sdxl_text_conditioning(1), "negative": sdxl_text_conditioning(2)}
+    (cache,) = run_node(DreamCacheEncode, setup["model"], reference, sdxl_text_conditioning(0), seed=0)
+    return dict(setup, cache=cache, positive=sdxl_text_conditioning(1), negative=sdxl_text_conditioning(2))
 
 
 def test_sdxl_layer_rule_cache_and_identity(sdxl):

@@ -5,7 +5,7 @@ Skipped (with the reason) when COMFYUI_PATH is unset.
 import pytest
 import torch
 
-from tiny_models import ksample, text_conditioning, tiny_sd15_model
+from tiny_models import ksample, text_conditioning, tiny_sd15_model, tiny_setup
 from run_as_comfyui import run_node
 
 LATENT = 16  # 16x16 latent = 128 px image
@@ -13,26 +13,17 @@ LATENT = 16  # 16x16 latent = 128 px image
 
 @pytest.fixture(scope="module")
 def setup():
-    from conftest import import_comfy
-    import_comfy()
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
-    from comfyui_dreamcache.nodes.apply import DreamCacheApply
+    setup = tiny_setup()
     from comfyui_dreamcache.nodes.encode import DreamCacheEncode
-
-    model = tiny_sd15_model(seed=0)
-    unet = model.model.diffusion_model
-    specs = discover_memory_layers(unet)
     reference = {"samples": torch.randn(1, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(5))}
-    (cache,) = run_node(DreamCacheEncode, model, reference, text_conditioning(0), seed=0)
-    fresh = build_adapter(specs, model_signature(unet))
-    trained = build_adapter(specs, model_signature(unet)).randomize_(seed=7, scale=0.5)
-    return {"model": model, "unet": unet, "specs": specs, "cache": cache, "fresh": fresh, "trained": trained,
-            "apply": DreamCacheApply(), "reference": reference}
+    (cache,) = run_node(DreamCacheEncode, setup["model"], reference, text_conditioning(0), seed=0)
+    return dict(setup, cache=cache, reference=reference)
 
 
 def apply(setup, adapter, strength=1.0, start=0.0, end=1.0, apply_to="positive only"):
-    (model,) = setup["apply"].apply(setup["model"], adapter, setup["cache"], strength, start, end, apply_to)
+    from comfyui_dreamcache.nodes.apply import DreamCacheApply
+
+    (model,) = run_node(DreamCacheApply, setup["model"], adapter, setup["cache"], strength, start, end, apply_to)
     return model
 
 
@@ -160,6 +151,7 @@ def test_kv_reuse_is_identical_to_recomputing(setup):
 
 
 def test_mismatched_adapter_cache_and_latent_fail_with_advice(setup):
+    from comfyui_dreamcache.nodes.apply import DreamCacheApply
     from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
     from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
     from comfyui_dreamcache.nodes.encode import DreamCacheEncode
@@ -171,7 +163,7 @@ def test_mismatched_adapter_cache_and_latent_fail_with_advice(setup):
         apply(setup, other_adapter)
     (other_cache,) = run_node(DreamCacheEncode, other, setup["reference"], [[torch.randn(1, 4, 64), {}]], seed=0)
     with pytest.raises(ValueError, match="encoded on another model"):
-        setup["apply"].apply(setup["model"], setup["trained"], other_cache, 1.0, 0.0, 1.0, "positive only")
+        run_node(DreamCacheApply, setup["model"], setup["trained"], other_cache, 1.0, 0.0, 1.0, "positive only")
     with pytest.raises(ValueError, match="4-channel latents"):
         run_node(DreamCacheEncode, setup["model"], {"samples": torch.randn(1, 16, 8, 8)}, text_conditioning(0), 0)
     with pytest.raises(ValueError, match="start_percent"):

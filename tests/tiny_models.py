@@ -50,3 +50,19 @@ def sdxl_text_conditioning(seed: int, tokens: int = 8, batch: int = 1, size: int
     pooled = torch.randn(batch, SDXL_POOLED_DIM, generator=generator)
     return [[context, {"pooled_output": pooled, "width": size, "height": size, "target_width": size,
                        "target_height": size}]]
+
+
+def tiny_setup(family: str = "sd15", model_seed: int = 0, adapter_seed: int = 7) -> dict:
+    """What the ComfyUI tests start from: a tiny model, its U-Net and memory layers, a fresh adapter (the exact
+    identity) and a "trained" one (seeded random weights)."""
+    from conftest import import_comfy
+
+    import_comfy()
+    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+
+    model = (tiny_sdxl_model if family == "sdxl" else tiny_sd15_model)(seed=model_seed)
+    unet = model.model.diffusion_model
+    specs = discover_memory_layers(unet)
+    return {"model": model, "unet": unet, "specs": specs, "fresh": build_adapter(specs, model_signature(unet)),
+            "trained": build_adapter(specs, model_signature(unet)).randomize_(seed=adapter_seed, scale=0.5)}
