@@ -278,13 +278,11 @@ def run_mask_reference(**inputs):
 
 
 def test_mask_reference_node_declaration(comfy):
-    from comfyui_dreamcache.nodes.mask_reference import (
-        NODE_CLASS_MAPPINGS,
-        NODE_DISPLAY_NAME_MAPPINGS,
-        DreamCacheMaskReference,
-    )
-    assert NODE_CLASS_MAPPINGS == {"DreamCacheMaskReference": DreamCacheMaskReference}
-    assert NODE_DISPLAY_NAME_MAPPINGS == {"DreamCacheMaskReference": "Mask Reference"}
+    from comfyui_dreamcache import nodes as pack_nodes
+    from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
+    from node_contract import in_pack_category
+    assert pack_nodes.NODE_CLASS_MAPPINGS["DreamCacheMaskReference"] is DreamCacheMaskReference
+    assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["DreamCacheMaskReference"] == "Mask Reference"
     inputs = DreamCacheMaskReference.INPUT_TYPES()
     assert list(inputs["required"]) == ["image", "size"]
     assert inputs["required"]["image"][0] == "IMAGE"
@@ -295,9 +293,9 @@ def test_mask_reference_node_declaration(comfy):
     for section in inputs.values():
         for name, (_, options) in section.items():
             assert options.get("tooltip"), f"{name} has no tooltip"
-    assert DreamCacheMaskReference.RETURN_TYPES == ("IMAGE", "MASK")
+    assert tuple(DreamCacheMaskReference.RETURN_TYPES) == ("IMAGE", "MASK")
     assert len(DreamCacheMaskReference.OUTPUT_TOOLTIPS) == 2
-    assert DreamCacheMaskReference.CATEGORY == "DreamCache" and DreamCacheMaskReference.DESCRIPTION
+    assert in_pack_category(DreamCacheMaskReference.CATEGORY) and DreamCacheMaskReference.DESCRIPTION
 
 
 def test_mask_reference_node_with_a_mask(comfy):

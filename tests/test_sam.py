@@ -213,19 +213,21 @@ def sams_folder(comfy, tmp_path, monkeypatch):
 
 
 def test_sam_loader_node_declaration(comfy):
-    from comfyui_dreamcache.nodes.sam_loader import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, DreamCacheSAMLoader
+    from comfyui_dreamcache import nodes as pack_nodes
+    from comfyui_dreamcache.nodes.sam_loader import DreamCacheSAMLoader
+    from node_contract import in_pack_category
     import folder_paths
 
     assert "sams" in folder_paths.folder_names_and_paths
-    assert NODE_CLASS_MAPPINGS == {"DreamCacheSAMLoader": DreamCacheSAMLoader}
-    assert NODE_DISPLAY_NAME_MAPPINGS == {"DreamCacheSAMLoader": "Load SAM Model (DreamCache)"}
+    assert pack_nodes.NODE_CLASS_MAPPINGS["DreamCacheSAMLoader"] is DreamCacheSAMLoader
+    assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["DreamCacheSAMLoader"] == "Load SAM Model (DreamCache)"
     required = DreamCacheSAMLoader.INPUT_TYPES()["required"]
     assert list(required) == ["model_name", "device"]
-    assert required["device"][0] == ["auto", "cpu", "gpu"]
+    assert required["device"][1]["options"] == ["auto", "cpu", "gpu"]
     assert all(options.get("tooltip") for _, options in required.values())
-    assert DreamCacheSAMLoader.RETURN_TYPES == ("SAM_MODEL",)
+    assert tuple(DreamCacheSAMLoader.RETURN_TYPES) == ("SAM_MODEL",)
     assert len(DreamCacheSAMLoader.OUTPUT_TOOLTIPS) == 1
-    assert DreamCacheSAMLoader.CATEGORY == "DreamCache" and DreamCacheSAMLoader.DESCRIPTION
+    assert in_pack_category(DreamCacheSAMLoader.CATEGORY) and DreamCacheSAMLoader.DESCRIPTION
 
 
 @pytest.mark.parametrize("file_name", ["sam_vit_b_random.safetensors", "sam_vit_b_random.pth"])
@@ -240,7 +242,7 @@ def test_sam_loader_loads_a_vit_b_file(sams_folder, random_vit_b_state_dict, fil
         torch.save(random_vit_b_state_dict, path)
     (sams_folder / "readme.txt").write_text("not a model")
 
-    assert DreamCacheSAMLoader.INPUT_TYPES()["required"]["model_name"][0] == [file_name]
+    assert DreamCacheSAMLoader.INPUT_TYPES()["required"]["model_name"][1]["options"] == [file_name]
     (sam_model,) = call_node(DreamCacheSAMLoader, model_name=file_name, device="cpu")
     assert isinstance(sam_model, DreamCacheSamModel)
     assert sam_model.variant == "vit_b" and sam_model.name == file_name

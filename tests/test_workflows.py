@@ -25,15 +25,11 @@ from pathlib import Path
 import pytest
 
 from conftest import PACK_ROOT, import_comfy
+from node_contract import NODE_IDS as DREAMCACHE_NODE_IDS
 
 WORKFLOW_DIR = PACK_ROOT / "example_workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 
-# The node contract (DESIGN.md section 4, plus issue 4's guider and combine): saved workflows reference these ids.
-DREAMCACHE_NODE_IDS = {
-    "DreamCacheAdapterLoader", "DreamCacheSAMLoader", "DreamCacheMaskReference", "DreamCacheEncode",
-    "DreamCacheApply", "DreamCacheSave", "DreamCacheLoad", "DreamCacheGuider", "DreamCacheCombine",
-}
 # Nodes that live in the frontend only: the server does not know them.
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
