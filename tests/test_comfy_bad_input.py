@@ -9,6 +9,8 @@ import torch
 from run_as_comfyui import run_node
 from tiny_models import text_conditioning, tiny_sd15_model
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 NAN, INF = float("nan"), float("inf")
 LATENT = 8
 

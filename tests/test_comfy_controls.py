@@ -9,6 +9,8 @@ import torch
 from tiny_models import sdxl_text_conditioning, text_conditioning, tiny_sd15_model, tiny_sdxl_model
 from run_as_comfyui import in_prompt, run_node
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 LATENT = 8     # 8x8 latents (64 px) unless a test needs finer token grids
 STEPS = 2
 

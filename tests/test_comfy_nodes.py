@@ -5,6 +5,8 @@ import torch
 from run_as_comfyui import run_node
 from tiny_models import text_conditioning, tiny_sd15_model
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):

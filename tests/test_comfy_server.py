@@ -17,6 +17,8 @@ from comfy_server import PACK_FOLDER_NAME, new_base_directory, running_server, t
 from conftest import PACK_ROOT
 from node_contract import CATEGORY, NODE_CONTRACT, in_pack_category
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A running ComfyUI server with the pack installed (stopped after this module's tests)."""

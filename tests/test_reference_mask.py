@@ -277,6 +277,7 @@ def run_mask_reference(**inputs):
     return run_node(DreamCacheMaskReference, **inputs)
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_declaration(comfy):
     from comfyui_dreamcache import nodes as pack_nodes
     from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
@@ -298,6 +299,7 @@ def test_mask_reference_node_declaration(comfy):
     assert in_pack_category(DreamCacheMaskReference.CATEGORY) and DreamCacheMaskReference.DESCRIPTION
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_with_a_mask(comfy):
     image, mask = scene()
     small_mask = resize_mask(mask, 100, 150)[None]  # another size: resized to the image
@@ -308,6 +310,7 @@ def test_mask_reference_node_with_a_mask(comfy):
     assert torch.all(out_image[out_mask == 0] == 1.0)
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_uses_transparency(comfy):
     image, mask = scene()
     rgba = torch.cat([image, mask[..., None]], dim=-1)[None]
@@ -317,6 +320,7 @@ def test_mask_reference_node_uses_transparency(comfy):
     torch.testing.assert_close(out_mask[0], reference_mask)
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_errors_say_what_to_do(comfy, caplog):
     image, mask = scene()
     with pytest.raises(ValueError, match="connect a mask .* or a SAM model"):

@@ -212,6 +212,7 @@ def sams_folder(comfy, tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.comfy
 def test_sam_loader_node_declaration(comfy):
     from comfyui_dreamcache import nodes as pack_nodes
     from comfyui_dreamcache.nodes.sam_loader import DreamCacheSAMLoader
@@ -231,6 +232,7 @@ def test_sam_loader_node_declaration(comfy):
 
 
 @pytest.mark.parametrize("file_name", ["sam_vit_b_random.safetensors", "sam_vit_b_random.pth"])
+@pytest.mark.comfy
 def test_sam_loader_loads_a_vit_b_file(sams_folder, random_vit_b_state_dict, file_name):
     import safetensors.torch
     from comfyui_dreamcache.nodes.sam_loader import DreamCacheSAMLoader, DreamCacheSamModel
@@ -252,6 +254,7 @@ def test_sam_loader_loads_a_vit_b_file(sams_folder, random_vit_b_state_dict, fil
     assert auto_model.compute_device.type == "cpu"  # the tests run ComfyUI in CPU mode
 
 
+@pytest.mark.comfy
 def test_sam_loader_refuses_non_sam_and_corrupt_files(sams_folder):
     import safetensors.torch
     from comfyui_dreamcache.nodes.sam_loader import DreamCacheSAMLoader
@@ -264,6 +267,7 @@ def test_sam_loader_refuses_non_sam_and_corrupt_files(sams_folder):
         call_node(DreamCacheSAMLoader, model_name="broken.pth", device="cpu")
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_segments_with_sam(comfy):
     from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
     from comfyui_dreamcache.nodes.sam_loader import DreamCacheSamModel

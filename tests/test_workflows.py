@@ -281,6 +281,7 @@ def output_types(node_class):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_node_types_exist(path, registry):
     all_nodes, pack_nodes = registry
     workflow = load_workflow(path)
@@ -296,6 +297,7 @@ def test_node_types_exist(path, registry):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_inputs_match_input_types(path, registry):
     all_nodes, _ = registry
     workflow = load_workflow(path)
@@ -321,6 +323,7 @@ def test_inputs_match_input_types(path, registry):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_outputs_match_return_types(path, registry):
     all_nodes, _ = registry
     workflow = load_workflow(path)
@@ -337,6 +340,7 @@ def test_outputs_match_return_types(path, registry):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_links_join_types_comfyui_accepts(path, registry):
     from comfy_execution.validation import validate_node_input
 
@@ -356,6 +360,7 @@ def test_links_join_types_comfyui_accepts(path, registry):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_widget_values_match_the_widgets(path, registry):
     all_nodes, _ = registry
     workflow = load_workflow(path)
