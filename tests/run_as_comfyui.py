@@ -12,6 +12,7 @@ a real prompt: a tensor made by one node is an inference tensor when the next
 one sees it.
 """
 import asyncio
+import contextlib
 import inspect
 
 import torch
@@ -138,3 +139,17 @@ def run_node(node_class, *args, **kwargs):
     if not output and ui:
         return {"ui": ui}
     return tuple(values[0] for values in output)
+
+
+@contextlib.contextmanager
+def recorded_progress():
+    """The (value, total) pairs nodes report through comfy.utils.ProgressBar, as the server's hook receives them."""
+    import comfy.utils
+
+    reports = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
+    try:
+        yield reports
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)

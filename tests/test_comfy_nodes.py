@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from run_as_comfyui import run_node
+from run_as_comfyui import recorded_progress, run_node
 from tiny_models import text_conditioning, tiny_sd15_model
 
 pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
@@ -85,6 +85,16 @@ def test_loader_encode_apply_save_load_chain(env):
     for key in encoded[0].keys:
         assert torch.equal(reloaded[0].features[key], encoded[0].features[key])
     assert reloaded[0].metadata == encoded[0].metadata
+
+
+def test_encode_of_several_references_reports_progress_once_for_one_pass(env):
+    """One U-Net pass for the batch (chunks of references would not be bit-identical to it): the bar over the
+    references is filled when the pass ends, and the cache holds every reference."""
+    reference = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))}
+    with recorded_progress() as reports:
+        (cache,) = run_node(env["nodes"]["DreamCacheEncode"], env["model"], reference, text_conditioning(0), 3)
+    assert reports == [(3, 3)]
+    assert cache.num_references == 3
 
 
 def test_broken_adapter_file_gives_advice(env):

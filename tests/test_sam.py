@@ -198,6 +198,35 @@ def test_segment_subject_end_to_end_with_a_random_vit_b(random_vit_b_state_dict)
 # The nodes, called as ComfyUI calls them
 # --------------------------------------------------------------------------
 
+@pytest.mark.comfy
+@pytest.mark.parametrize("choice", ["auto", "gpu", "cpu"])
+def test_sam_is_a_model_patcher_that_comfyui_loads(comfy, choice):
+    """The SAM_MODEL holds a ModelPatcher with the loader's devices; segmenting loads it with load_models_gpu, so
+    ComfyUI's memory manager (not the node) decides when it leaves the compute device."""
+    import comfy.model_management
+    import comfy.model_patcher
+    from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
+    from comfyui_dreamcache.nodes.sam_loader import DreamCacheSamModel, resolve_sam_devices
+
+    compute, storage = resolve_sam_devices(choice)
+    expected = {"auto": (comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()),
+                "gpu": (comfy.model_management.get_torch_device(),) * 2,
+                "cpu": (torch.device("cpu"),) * 2}[choice]
+    assert (compute, storage) == expected
+    sam_model = DreamCacheSamModel(tiny_sam(full_mask=True), "tiny", compute, storage)
+    patcher = sam_model.patcher
+    assert isinstance(patcher, comfy.model_patcher.ModelPatcher)
+    assert (patcher.load_device, patcher.offload_device) == (compute, storage)
+    assert patcher.model.sam is sam_model.sam
+    comfy.model_management.unload_all_models()
+    _, mask = call_node(DreamCacheMaskReference, image=subject_image().unsqueeze(0), size=64, sam_model=sam_model)
+    assert mask.shape == (1, 64, 64) and mask.max() == 1.0
+    assert any(loaded.model is patcher for loaded in comfy.model_management.current_loaded_models)
+    assert next(sam_model.sam.parameters()).device == compute
+    comfy.model_management.unload_all_models()
+    assert next(sam_model.sam.parameters()).device == storage
+
+
 def call_node(node_class, **inputs):
     from run_as_comfyui import run_node
     return run_node(node_class, **inputs)
@@ -284,6 +313,11 @@ def test_mask_reference_node_segments_with_sam(comfy):
 
     with pytest.raises(ValueError, match="not a Segment Anything model"):
         call_node(DreamCacheMaskReference, image=images, size=64, sam_model="sam")
+
+    from run_as_comfyui import recorded_progress
+    with recorded_progress() as reports:
+        call_node(DreamCacheMaskReference, image=images, size=64, sam_model=wrapped)
+    assert reports == [(1, 2), (2, 2)], "the SAM batch reports one step per image"
 
     class EmptySamModel(DreamCacheSamModel):
         def segment(self, images_rgb):
