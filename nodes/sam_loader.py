@@ -1,8 +1,9 @@
 """ComfyUI node "Load SAM Model (DreamCache)": a SAM checkpoint from models/sams.
 
 Its output, SAM_MODEL, is a ``DreamCacheSamModel``: the segment-anything
-model plus the devices it computes and waits on, so that the Mask Reference
-node can segment without knowing how it was loaded.  Other packs also use the
+model in a ComfyUI ModelPatcher whose load and offload devices come from the
+device choice, so that ComfyUI's memory manager places it (load_models_gpu)
+and the Mask Reference node can segment without knowing how it was loaded.  Other packs also use the
 type name SAM_MODEL for a bare segment-anything ``Sam``; ``as_sam_model``
 accepts those too.
 """
@@ -64,10 +65,11 @@ class DreamCacheSamModel:
     def segment(self, images_rgb: torch.Tensor) -> torch.Tensor:
         """Subject masks ``[B, H, W]`` (CPU float 0/1) for ``images_rgb`` ``[B, H, W, 3]``.
 
-        ComfyUI's load_models_gpu puts the model on the compute device (freeing memory as for its own models);
-        the progress bar advances once per image.
+        ComfyUI's load_models_gpu puts the model on the compute device (freeing memory as for its own models),
+        whole: SAM's plain torch layers cannot run partly offloaded as ComfyUI's cast layers can. The progress bar
+        advances once per image.
         """
-        comfy.model_management.load_models_gpu([self.patcher])
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         progress = comfy.utils.ProgressBar(len(images_rgb))
         masks = []
         for image in images_rgb:
@@ -95,8 +97,9 @@ def as_sam_model(sam_model) -> DreamCacheSamModel:
 def resolve_sam_devices(device_choice: str):
     """``(compute_device, storage_device)`` for the loader's device choice.
 
-    auto: compute on ComfyUI's device, wait on its offload device (normally
-    the CPU); gpu: stay on ComfyUI's device; cpu: stay on the CPU.
+    auto: compute on ComfyUI's device, offloaded to its offload device (normally
+    the CPU) when ComfyUI needs the memory; gpu: stay on ComfyUI's device; cpu:
+    stay on the CPU.
     """
     torch_device = comfy.model_management.get_torch_device()
     cpu = torch.device("cpu")

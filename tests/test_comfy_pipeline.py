@@ -30,11 +30,11 @@ def setup():
     fresh = build_adapter(specs, model_signature(unet))
     trained = build_adapter(specs, model_signature(unet)).randomize_(seed=7, scale=0.5)
     return {"model": model, "unet": unet, "specs": specs, "cache": cache, "fresh": fresh, "trained": trained,
-            "apply": DreamCacheApply(), "reference": reference}
+            "apply": DreamCacheApply, "reference": reference}
 
 
 def apply(setup, adapter, strength=1.0, start=0.0, end=1.0, apply_to="positive only"):
-    (model,) = setup["apply"].apply(setup["model"], adapter, setup["cache"], strength, start, end, apply_to)
+    (model,) = run_node(setup["apply"], setup["model"], adapter, setup["cache"], strength, start, end, apply_to)
     return model
 
 
@@ -173,7 +173,7 @@ def test_mismatched_adapter_cache_and_latent_fail_with_advice(setup):
         apply(setup, other_adapter)
     (other_cache,) = run_node(DreamCacheEncode, other, setup["reference"], [[torch.randn(1, 4, 64), {}]], seed=0)
     with pytest.raises(ValueError, match="encoded on another model"):
-        setup["apply"].apply(setup["model"], setup["trained"], other_cache, 1.0, 0.0, 1.0, "positive only")
+        run_node(setup["apply"], setup["model"], setup["trained"], other_cache, 1.0, 0.0, 1.0, "positive only")
     with pytest.raises(ValueError, match="4-channel latents"):
         run_node(DreamCacheEncode, setup["model"], {"samples": torch.randn(1, 16, 8, 8)}, text_conditioning(0), 0)
     with pytest.raises(ValueError, match="start_percent"):
