@@ -1,8 +1,11 @@
 """Apply DreamCache: patch a clone of MODEL with the adapters and a cache."""
+from comfy_api.v0_0_2 import io
+
 from ..dreamcache_core.cache import parse_reference_weights
 from ..dreamcache_core.controls import layer_weight_entries
 from ..dreamcache_core.injection import build_injection as core_build_injection
 from ..dreamcache_core.patch import POSITIVE_CHUNK, attach_injection
+from .io_types import CATEGORY_SAMPLING, Adapter, Cache
 from .widget_checks import text_problem, validation_result, widget_problems
 
 APPLY_TO_CHUNKS = {"positive only": (POSITIVE_CHUNK,), "positive and negative": None}
@@ -23,24 +26,25 @@ REFERENCE_WEIGHTS_TOOLTIP = ("Relative weight of each reference in shared mode, 
 
 def optional_control_inputs(with_schedule=True):
     """Optional inputs shared by Apply DreamCache and the DreamCache Guider."""
-    inputs = {
-        "attn_mask": ("MASK", {"tooltip": ATTN_MASK_TOOLTIP}),
-        "reference_mode": (list(REFERENCE_MODES), {"default": "all references shared", "tooltip": REFERENCE_MODE_TOOLTIP}),
-        "reference_weights": ("STRING", {"default": "", "multiline": False, "tooltip": REFERENCE_WEIGHTS_TOOLTIP}),
-    }
+    inputs = [
+        io.Mask.Input("attn_mask", optional=True, tooltip=ATTN_MASK_TOOLTIP),
+        io.Combo.Input("reference_mode", options=list(REFERENCE_MODES), default="all references shared",
+                       optional=True, tooltip=REFERENCE_MODE_TOOLTIP),
+        io.String.Input("reference_weights", default="", multiline=False, optional=True,
+                        tooltip=REFERENCE_WEIGHTS_TOOLTIP),
+    ]
     if with_schedule:
-        inputs.update({
-            "middle_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
-                                        "tooltip": "Multiplies the strength at the middle (lowest-resolution) memory "
-                                                   "layer: shape and identity."}),
-            "decoder_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
-                                         "tooltip": "Multiplies the strength at the decoder memory layers: "
-                                                    "appearance and detail."}),
-            "layer_weights": ("STRING", {"default": "", "multiline": False,
-                                         "tooltip": "Per-layer multipliers that override middle/decoder_weight, e.g. "
-                                                    "'output_blocks.4.1=0.5, output.10=0' (layer keys, block names "
-                                                    "like output.4, or middle / decoder); each weight within +-100."}),
-        })
+        inputs += [
+            io.Float.Input("middle_weight", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+                           tooltip="Multiplies the strength at the middle (lowest-resolution) memory layer: shape "
+                                   "and identity."),
+            io.Float.Input("decoder_weight", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+                           tooltip="Multiplies the strength at the decoder memory layers: appearance and detail."),
+            io.String.Input("layer_weights", default="", multiline=False, optional=True,
+                            tooltip="Per-layer multipliers that override middle/decoder_weight, e.g. "
+                                    "'output_blocks.4.1=0.5, output.10=0' (layer keys, block names like output.4, "
+                                    "or middle / decoder); each weight within +-100."),
+        ]
     return inputs
 
 
@@ -64,32 +68,36 @@ def control_text_problems(reference_weights=None, layer_weights=None) -> list:
             text_problem(layer_weight_entries, layer_weights, "layer_weights")]
 
 
-class DreamCacheApply:
+class DreamCacheApply(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The model to personalise. It is cloned: the input MODEL stays "
-                                               "unpatched for other samplers."}),
-                "adapter": ("DREAMCACHE_ADAPTER", {"tooltip": "Adapters trained for this base model."}),
-                "cache": ("DREAMCACHE", {"tooltip": "The reference cache from Encode DreamCache (same base model)."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
-                                       "tooltip": "How much of the adapter's change to keep; 0 returns exactly the "
-                                                  "input model."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                                            "tooltip": "Sampling progress at which personalisation starts."}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001,
-                                          "tooltip": "Sampling progress at which personalisation stops."}),
-                "apply_to": (list(APPLY_TO_CHUNKS), {"default": "positive only",
-                                                     "tooltip": "'positive only' injects the reference into the "
-                                                                "positive batch only (the paper's joint guidance); "
-                                                                "'positive and negative' into both."}),
-            },
-            "optional": optional_control_inputs(),
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamCacheApply",
+            display_name="Apply DreamCache",
+            category=CATEGORY_SAMPLING,
+            description="Injects the cached reference into the memory layers' self-attention through the trained "
+                        "adapters. Sample with the returned MODEL; use the input MODEL for unpersonalised samples.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to personalise. It is cloned: the input MODEL stays "
+                                                "unpatched for other samplers."),
+                Adapter.Input("adapter", tooltip="Adapters trained for this base model."),
+                Cache.Input("cache", tooltip="The reference cache from Encode DreamCache (same base model)."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="How much of the adapter's change to keep; 0 returns exactly the input model."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which personalisation starts."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress at which personalisation stops."),
+                io.Combo.Input("apply_to", options=list(APPLY_TO_CHUNKS), default="positive only",
+                               tooltip="'positive only' injects the reference into the positive batch only (the "
+                                       "paper's joint guidance); 'positive and negative' into both."),
+            ] + optional_control_inputs(),
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="A personalised clone of the model, for the stock KSampler.")],
+        )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, strength=None, start_percent=None, end_percent=None, reference_weights=None,
+    def validate_inputs(cls, strength=None, start_percent=None, end_percent=None, reference_weights=None,
                         middle_weight=None, decoder_weight=None, layer_weights=None):
         """Checked when the prompt is queued (widget values only; linked inputs are checked when the node runs)."""
         problems = widget_problems(cls, {"strength": strength, "start_percent": start_percent,
@@ -100,25 +108,18 @@ class DreamCacheApply:
                             "personalisation would never run. Set start_percent <= end_percent.")
         return validation_result(problems + control_text_problems(reference_weights, layer_weights))
 
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("A personalised clone of the model, for the stock KSampler.",)
-    FUNCTION = "apply"
-    CATEGORY = "DreamCache"
-    DESCRIPTION = ("Injects the cached reference into the memory layers' self-attention through the trained "
-                   "adapters. Sample with the returned MODEL; use the input MODEL for unpersonalised samples.")
-
-    def apply(self, model, adapter, cache, strength, start_percent, end_percent, apply_to, attn_mask=None,
-              reference_mode="all references shared", reference_weights="", middle_weight=1.0, decoder_weight=1.0,
-              layer_weights=""):
+    @classmethod
+    def execute(cls, model, adapter, cache, strength, start_percent, end_percent, apply_to, attn_mask=None,
+                reference_mode="all references shared", reference_weights="", middle_weight=1.0, decoder_weight=1.0,
+                layer_weights=""):
         if strength == 0:
-            return (model,)
+            return io.NodeOutput(model)
         if apply_to not in APPLY_TO_CHUNKS:
             raise ValueError(f"apply_to must be one of {list(APPLY_TO_CHUNKS)}, got {apply_to!r}.")
         injection = build_injection(model, adapter, cache, strength, start_percent, end_percent,
                                     APPLY_TO_CHUNKS[apply_to], attn_mask, reference_mode, reference_weights,
                                     middle_weight, decoder_weight, layer_weights)
-        return (attach_injection(model.clone(), injection),)
+        return io.NodeOutput(attach_injection(model.clone(), injection))
 
 
-NODE_CLASS_MAPPINGS = {"DreamCacheApply": DreamCacheApply}
-NODE_DISPLAY_NAME_MAPPINGS = {"DreamCacheApply": "Apply DreamCache"}
+NODES = [DreamCacheApply]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import comfy.model_management
+from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.reference_mask import (
     DEFAULT_MARGIN,
@@ -19,6 +20,7 @@ from ..dreamcache_core.reference_mask import (
     mask_is_empty,
 )
 from ..dreamcache_core.input_checks import check_finite_tensor
+from .io_types import CATEGORY_REFERENCE, SamModel
 from .sam_loader import as_sam_model
 
 
@@ -35,50 +37,40 @@ def warn_if_mask_looks_inverted(masks) -> None:
             )
 
 
-class DreamCacheMaskReference:
+class DreamCacheMaskReference(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image": ("IMAGE", {
-                    "tooltip": "The reference photo(s) of the subject. Each image of a batch is cut out with its own "
-                               "mask; a single mask is used for every image.",
-                }),
-                "size": ("INT", {
-                    "default": 512, "min": 64, "max": 2048, "step": 8,
-                    "tooltip": "Side of the square output in pixels. Use the base model's resolution "
-                               "(512 for SD1.5 / SD2.1-base).",
-                }),
-            },
-            "optional": {
-                "sam_model": ("SAM_MODEL", {
-                    "tooltip": "Finds the subject automatically (the most salient object near the centre) when no "
-                               "mask is connected. Ignored when a mask is connected.",
-                }),
-                "mask": ("MASK", {
-                    "tooltip": "White (1) marks the subject. Resized to the image when sizes differ. Note: Load "
-                               "Image's MASK output is white where the PNG is transparent; for a cut-out PNG that is "
-                               "the background: put an Invert Mask node in between.",
-                }),
-            },
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamCacheMaskReference",
+            display_name="Mask Reference",
+            category=CATEGORY_REFERENCE,
+            description="Cuts the subject out of a reference photo and centres it on a white square, as DreamCache "
+                        "expects: no background may leak into the cached features. The subject comes from the mask "
+                        "input if connected, else from the image's transparency (RGBA), else from the SAM model.",
+            inputs=[
+                io.Image.Input("image", tooltip="The reference photo(s) of the subject. Each image of a batch is cut "
+                                                "out with its own mask; a single mask is used for every image."),
+                io.Int.Input("size", default=512, min=64, max=2048, step=8,
+                             tooltip="Side of the square output in pixels. Use the base model's resolution (512 for "
+                                     "SD1.5 / SD2.1-base)."),
+                SamModel.Input("sam_model", optional=True,
+                               tooltip="Finds the subject automatically (the most salient object near the centre) "
+                                       "when no mask is connected. Ignored when a mask is connected."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="White (1) marks the subject. Resized to the image when sizes differ. Note: Load "
+                                      "Image's MASK output is white where the PNG is transparent; for a cut-out PNG "
+                                      "that is the background: put an Invert Mask node in between."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image",
+                                tooltip="The subject centred on a white size x size square with a 10 % margin: the "
+                                        "reference for Encode DreamCache (through VAE Encode)."),
+                io.Mask.Output(display_name="mask", tooltip="The subject's mask on the same square (white = subject)."),
+            ],
+        )
 
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("image", "mask")
-    OUTPUT_TOOLTIPS = (
-        "The subject centred on a white size x size square with a 10 % margin: the reference for Encode DreamCache "
-        "(through VAE Encode).",
-        "The subject's mask on the same square (white = subject).",
-    )
-    FUNCTION = "mask_reference"
-    CATEGORY = "DreamCache"
-    DESCRIPTION = (
-        "Cuts the subject out of a reference photo and centres it on a white square, as DreamCache expects: no "
-        "background may leak into the cached features. The subject comes from the mask input if connected, else "
-        "from the image's transparency (RGBA), else from the SAM model."
-    )
-
-    def mask_reference(self, image, size, sam_model=None, mask=None):
+    @classmethod
+    def execute(cls, image, size, sam_model=None, mask=None):
         if image.ndim == 3:
             image = image.unsqueeze(0)
         check_finite_tensor(image, "The Mask Reference image", "Check the node that made it (a NaN pixel spreads to "
@@ -92,7 +84,7 @@ class DreamCacheMaskReference:
         elif transparency is not None:
             subject_masks = transparency
         elif sam_model is not None:
-            subject_masks = self.segment_with_sam(as_sam_model(sam_model), image_to_rgb(image))
+            subject_masks = cls.segment_with_sam(as_sam_model(sam_model), image_to_rgb(image))
         else:
             raise ValueError(
                 "Mask Reference needs to know where the subject is: connect a mask (white = subject, e.g. drawn "
@@ -101,7 +93,7 @@ class DreamCacheMaskReference:
             )
         reference, reference_mask = cut_subjects_on_white(image, subject_masks, size, DEFAULT_MARGIN)
         device = comfy.model_management.intermediate_device()
-        return (reference.to(device), reference_mask.to(device))
+        return io.NodeOutput(reference.to(device), reference_mask.to(device))
 
     @staticmethod
     def segment_with_sam(sam_model, images_rgb):
@@ -116,5 +108,4 @@ class DreamCacheMaskReference:
         return masks
 
 
-NODE_CLASS_MAPPINGS = {"DreamCacheMaskReference": DreamCacheMaskReference}
-NODE_DISPLAY_NAME_MAPPINGS = {"DreamCacheMaskReference": "Mask Reference"}
+NODES = [DreamCacheMaskReference]

@@ -1,8 +1,9 @@
 """ComfyUI node "Load SAM Model (DreamCache)": a SAM checkpoint from models/sams.
 
 Its output, SAM_MODEL, is a ``DreamCacheSamModel``: the segment-anything
-model plus the devices it computes and waits on, so that the Mask Reference
-node can segment without knowing how it was loaded.  Other packs also use the
+model in a ComfyUI ModelPatcher whose load and offload devices come from the
+device choice, so that ComfyUI's memory manager places it (load_models_gpu)
+and the Mask Reference node can segment without knowing how it was loaded.  Other packs also use the
 type name SAM_MODEL for a bare segment-anything ``Sam``; ``as_sam_model``
 accepts those too.
 """
@@ -13,9 +14,13 @@ import logging
 import torch
 
 import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
 import folder_paths
+from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.sam_segmenter import build_sam_from_state_dict, detect_sam_variant, load_sam_checkpoint, segment_subject
+from .io_types import CATEGORY_LOADERS, SamModel
 from .model_folders import SAM_FILE_EXTENSIONS, SAM_FOLDER
 
 DEVICE_CHOICES = ["auto", "cpu", "gpu"]
@@ -26,20 +31,33 @@ def sam_checkpoint_names() -> list:
     return [name for name in folder_paths.get_filename_list(SAM_FOLDER) if name.lower().endswith(SAM_FILE_EXTENSIONS)]
 
 
-class DreamCacheSamModel:
-    """A segment-anything model and where it runs.
+class SamHolder(torch.nn.Module):
+    """The segment-anything ``Sam`` as the module a ModelPatcher manages (``Sam.device`` is a read-only property,
+    and ComfyUI's patcher records the device on the module it loads)."""
 
-    ``compute_device`` is where segmentation runs; ``storage_device`` is where
-    the model waits between runs (the CPU for "auto", so it holds no VRAM
-    while the diffusion model samples).
+    def __init__(self, sam):
+        super().__init__()
+        self.sam = sam
+
+
+class DreamCacheSamModel:
+    """A segment-anything model in a ComfyUI ModelPatcher, so that ComfyUI's memory manager places it.
+
+    ``compute_device`` is the patcher's load device (where segmentation runs); ``storage_device`` its offload
+    device (where ComfyUI moves it when the memory is needed, the CPU for "auto").
     """
 
     def __init__(self, sam, variant: str, compute_device: torch.device, storage_device: torch.device, name: str = ""):
-        self.sam = sam
         self.variant = variant
         self.compute_device = torch.device(compute_device)
         self.storage_device = torch.device(storage_device)
         self.name = name
+        self.patcher = None if sam is None else comfy.model_patcher.ModelPatcher(
+            SamHolder(sam), load_device=self.compute_device, offload_device=self.storage_device)
+
+    @property
+    def sam(self):
+        return None if self.patcher is None else self.patcher.model.sam
 
     def __repr__(self) -> str:
         return f"DreamCacheSamModel({self.name or self.variant}, compute={self.compute_device}, storage={self.storage_device})"
@@ -47,22 +65,18 @@ class DreamCacheSamModel:
     def segment(self, images_rgb: torch.Tensor) -> torch.Tensor:
         """Subject masks ``[B, H, W]`` (CPU float 0/1) for ``images_rgb`` ``[B, H, W, 3]``.
 
-        Moves the model to the compute device for the batch and back.
+        ComfyUI's load_models_gpu puts the model on the compute device (freeing memory as for its own models),
+        whole: SAM's plain torch layers cannot run partly offloaded as ComfyUI's cast layers can. The progress bar
+        advances once per image.
         """
-        moved = self.storage_device != self.compute_device
-        if moved:
-            comfy.model_management.free_memory(comfy.model_management.module_size(self.sam) * 1.5, self.compute_device)
-            self.sam.to(self.compute_device)
-        try:
-            masks = []
-            for image in images_rgb:
-                comfy.model_management.throw_exception_if_processing_interrupted()
-                masks.append(segment_subject(self.sam, image))
-            return torch.stack(masks)
-        finally:
-            if moved:
-                self.sam.to(self.storage_device)
-                comfy.model_management.soft_empty_cache()
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        progress = comfy.utils.ProgressBar(len(images_rgb))
+        masks = []
+        for image in images_rgb:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            masks.append(segment_subject(self.sam, image))
+            progress.update(1)
+        return torch.stack(masks)
 
 
 def as_sam_model(sam_model) -> DreamCacheSamModel:
@@ -83,8 +97,9 @@ def as_sam_model(sam_model) -> DreamCacheSamModel:
 def resolve_sam_devices(device_choice: str):
     """``(compute_device, storage_device)`` for the loader's device choice.
 
-    auto: compute on ComfyUI's device, wait on its offload device (normally
-    the CPU); gpu: stay on ComfyUI's device; cpu: stay on the CPU.
+    auto: compute on ComfyUI's device, offloaded to its offload device (normally
+    the CPU) when ComfyUI needs the memory; gpu: stay on ComfyUI's device; cpu:
+    stay on the CPU.
     """
     torch_device = comfy.model_management.get_torch_device()
     cpu = torch.device("cpu")
@@ -99,36 +114,31 @@ def resolve_sam_devices(device_choice: str):
     raise ValueError(f"Unknown device '{device_choice}'; choose one of {DEVICE_CHOICES}.")
 
 
-class DreamCacheSAMLoader:
+class DreamCacheSAMLoader(io.ComfyNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model_name": (sam_checkpoint_names(), {
-                    "tooltip": "A Segment Anything checkpoint in ComfyUI/models/sams: sam_vit_b_01ec64.pth, "
-                               "sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pth (or a .safetensors conversion). "
-                               "The variant is detected from the weights.",
-                }),
-                "device": (DEVICE_CHOICES, {
-                    "default": "auto",
-                    "tooltip": "auto: segment on ComfyUI's device and keep the model in RAM in between (frees VRAM "
-                               "for sampling). gpu: keep it on the GPU (faster when segmenting often). cpu: always "
-                               "on the CPU (slow, no VRAM).",
-                }),
-            }
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DreamCacheSAMLoader",
+            display_name="Load SAM Model (DreamCache)",
+            category=CATEGORY_LOADERS,
+            description="Loads a Segment Anything (SAM) model from models/sams. Connect it to Mask Reference to cut "
+                        "the subject out of a reference photo without drawing a mask.",
+            inputs=[
+                io.Combo.Input("model_name", options=sam_checkpoint_names(),
+                               tooltip="A Segment Anything checkpoint in ComfyUI/models/sams: sam_vit_b_01ec64.pth, "
+                                       "sam_vit_l_0b3195.pth or sam_vit_h_4b8939.pth (or a .safetensors conversion). "
+                                       "The variant is detected from the weights."),
+                io.Combo.Input("device", options=DEVICE_CHOICES, default="auto",
+                               tooltip="auto: segment on ComfyUI's device and let ComfyUI move the model back to RAM "
+                                       "when sampling needs the VRAM. gpu: keep it on the GPU (faster when segmenting "
+                                       "often). cpu: always on the CPU (slow, no VRAM)."),
+            ],
+            outputs=[SamModel.Output(display_name="sam_model", tooltip="The Segment Anything model, for Mask "
+                                                                       "Reference to find the subject automatically.")],
+        )
 
-    RETURN_TYPES = ("SAM_MODEL",)
-    RETURN_NAMES = ("sam_model",)
-    OUTPUT_TOOLTIPS = ("The Segment Anything model, for Mask Reference to find the subject automatically.",)
-    FUNCTION = "load_sam"
-    CATEGORY = "DreamCache"
-    DESCRIPTION = (
-        "Loads a Segment Anything (SAM) model from models/sams. Connect it to Mask Reference to cut the subject "
-        "out of a reference photo without drawing a mask."
-    )
-
-    def load_sam(self, model_name, device):
+    @classmethod
+    def execute(cls, model_name, device):
         path = folder_paths.get_full_path_or_raise(SAM_FOLDER, model_name)
         state_dict = load_sam_checkpoint(path)
         try:
@@ -138,9 +148,7 @@ class DreamCacheSAMLoader:
             raise ValueError(f"'{model_name}': {error}") from error
         compute_device, storage_device = resolve_sam_devices(device)
         sam.to(storage_device)
-        return (DreamCacheSamModel(sam, variant, compute_device, storage_device, name=model_name),)
+        return io.NodeOutput(DreamCacheSamModel(sam, variant, compute_device, storage_device, name=model_name))
 
 
-
-NODE_CLASS_MAPPINGS = {"DreamCacheSAMLoader": DreamCacheSAMLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"DreamCacheSAMLoader": "Load SAM Model (DreamCache)"}
+NODES = [DreamCacheSAMLoader]

@@ -1,15 +1,16 @@
-"""Queue-time validation (classic ``VALIDATE_INPUTS``) shared by the DreamCache nodes.
+"""Queue-time validation (the V3 ``validate_inputs``, V1's ``VALIDATE_INPUTS``) shared by the DreamCache nodes.
 
-ComfyUI calls a node's ``VALIDATE_INPUTS`` classmethod when the prompt is queued, with the inputs it names that
+ComfyUI calls a node's ``validate_inputs`` classmethod when the prompt is queued, with the inputs it names that
 are widget values (a linked input is not passed: its value does not exist yet, so it is checked when the node
-runs). For every input a ``VALIDATE_INPUTS`` names, ComfyUI skips its own min/max check, so ``widget_problems``
+runs). For every input a ``validate_inputs`` names, ComfyUI skips its own min/max check, so ``widget_problems``
 does it here, together with the finiteness check ComfyUI never does (NaN passes ``min <= value <= max``).
 """
 from ..dreamcache_core.input_checks import number_problem
 
 
 def widget_problems(node_class, values: dict) -> list:
-    """Problems of the given FLOAT/INT widget ``values`` (None = not given): finite and inside the declared range."""
+    """Problems of the given FLOAT/INT widget ``values`` (None = not given): finite and inside the declared range
+    (read from the node's schema through its V1 view)."""
     declared = node_class.INPUT_TYPES()
     specs = dict(declared.get("required", {}), **declared.get("optional", {}))
     problems = []
@@ -37,6 +38,6 @@ def text_problem(check, text, name: str):
 
 
 def validation_result(problems) -> object:
-    """What VALIDATE_INPUTS returns: True, or every problem found, one per line."""
+    """What validate_inputs returns: True, or every problem found, one per line."""
     found = [p for p in problems if p]
     return True if not found else "\n".join(found)

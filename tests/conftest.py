@@ -8,6 +8,11 @@ ComfyUI, and the server test loads it the way ComfyUI does.
 ComfyUI-dependent tests use the ``comfy`` fixture: it skips, saying why, when
 ``COMFYUI_PATH`` is unset, and otherwise puts the checkout on ``sys.path`` with
 the CPU and PyTorch attention selected before ``comfy`` is first imported.
+
+Every test that needs ComfyUI carries the ``comfy`` marker (``pytestmark`` in the
+test_comfy_*.py modules, per test elsewhere), so ``pytest -m "not comfy"`` runs
+exactly the tests CI can run; a test that reaches for ComfyUI without it fails
+with a message saying to add it.
 """
 import os
 import sys
@@ -35,7 +40,27 @@ def _register_pack_package():
 _register_pack_package()
 
 
+_RUNNING = {"item": None}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Remember the test being set up: its fixtures (also module-scoped ones) may ask for ComfyUI."""
+    _RUNNING["item"] = item
+
+
+def require_comfy_marker():
+    """Fail the running test unless it is marked ``comfy`` (checked before any skip, so CI catches it too)."""
+    item = _RUNNING["item"]
+    if item is not None and item.get_closest_marker("comfy") is None:
+        pytest.fail(f"{item.nodeid} needs ComfyUI but is not marked: add @pytest.mark.comfy to the test (or "
+                    "pytestmark = pytest.mark.comfy to a test_comfy_*.py module), so that -m 'not comfy' leaves it "
+                    "out", pytrace=False)
+
+
 def comfyui_path():
+    """The ComfyUI checkout of COMFYUI_PATH (None when unset); only for tests marked ``comfy``."""
+    require_comfy_marker()
     path = os.environ.get("COMFYUI_PATH")
     return Path(path).resolve() if path else None
 

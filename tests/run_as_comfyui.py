@@ -1,15 +1,18 @@
 """Run nodes and samplers the way ComfyUI's executor runs them.
 
 ComfyUI (execution.py) validates a prompt before running it (required inputs
-present, numbers inside their min/max, combo values among the choices, the
-node's own VALIDATE_INPUTS), then executes every node inside
-``torch.inference_mode()``, calling the node's FUNCTION with keyword inputs
-through ``execution.get_output_data``. Tests that exercise nodes or sampling
+present, numbers inside their min/max, values of a list-typed combo among the
+choices, the node's own VALIDATE_INPUTS, or for a V3 node its schema's inputs
+and its ``validate_inputs`` override), then executes every node inside
+``torch.inference_mode()`` through ``execution.get_output_data``: a V1 node's
+FUNCTION on an instance, a V3 node's ``EXECUTE_NORMALIZED`` on a locked clone
+of the class (``PREPARE_CLASS_CLONE``). Tests that exercise nodes or sampling
 go through ``run_node`` / ``in_prompt`` so that what the suite proves holds in
 a real prompt: a tensor made by one node is an inference tensor when the next
 one sees it.
 """
 import asyncio
+import contextlib
 import inspect
 
 import torch
@@ -22,9 +25,15 @@ def in_prompt():
     return torch.inference_mode()
 
 
+def is_v3(node_class) -> bool:
+    from comfy_api.internal import _ComfyNodeInternal
+    return issubclass(node_class, _ComfyNodeInternal)
+
+
 def declared_inputs(node_class) -> dict:
-    """{"required": {...}, "optional": {...}} as ComfyUI reads it from the node class (V1 or V3)."""
-    declared = node_class.INPUT_TYPES()
+    """{"required": {...}, "optional": {...}} as ComfyUI reads it from the node class: a V3 node's
+    INPUT_TYPES is its schema's V1 view (hidden inputs left out, as get_input_data reads it)."""
+    declared = node_class.INPUT_TYPES(include_hidden=False) if is_v3(node_class) else node_class.INPUT_TYPES()
     return {"required": dict(declared.get("required", {})), "optional": dict(declared.get("optional", {}))}
 
 
@@ -51,14 +60,14 @@ def type_name(spec) -> object:
 
 
 def check_widget_value(node_class, name, spec, value):
-    """ComfyUI's validate_inputs for one widget value (execution.py): type, min/max, combo choices."""
+    """ComfyUI's validate_inputs for one widget value (execution.py): type, min/max, the choices of a list-typed
+    combo (execution.py checks no others: a V3 Combo, typed "COMBO", is checked by the node when it runs)."""
     kind = type_name(spec)
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     where = f"{node_class.__name__}.{name}"
-    if isinstance(kind, list) or kind == "COMBO":
-        choices = kind if isinstance(kind, list) else options.get("options", [])
-        if value not in choices:
-            raise ValueError(f"ComfyUI refuses the prompt: {where} = {value!r} is not among the choices {choices}")
+    if isinstance(kind, list):
+        if value not in kind:
+            raise ValueError(f"ComfyUI refuses the prompt: {where} = {value!r} is not among the choices {kind}")
     elif kind in ("INT", "FLOAT"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"ComfyUI refuses the prompt: {where} = {value!r} is not a number")
@@ -72,6 +81,19 @@ def check_widget_value(node_class, name, spec, value):
     elif kind == "BOOLEAN" and not isinstance(value, bool):
         raise ValueError(f"ComfyUI refuses the prompt: {where} = {value!r} is not a boolean")
     return value
+
+
+def validate_function_name(node_class) -> str:
+    return "validate_inputs" if is_v3(node_class) else "VALIDATE_INPUTS"
+
+
+def validation_function(node_class):
+    """The queue-time check ComfyUI calls, or None: a V3 node's own ``validate_inputs`` (ComfyNode's placeholder
+    does not count), a V1 node's VALIDATE_INPUTS."""
+    if is_v3(node_class):
+        from comfy_api.internal import first_real_override
+        return first_real_override(node_class, "validate_inputs")
+    return getattr(node_class, "VALIDATE_INPUTS", None)
 
 
 def validate(node_class, inputs: dict) -> dict:
@@ -88,15 +110,16 @@ def validate(node_class, inputs: dict) -> dict:
         kind = type_name(spec)
         is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
         checked[name] = check_widget_value(node_class, name, spec, value) if is_widget else value
-    validate_function = getattr(node_class, "VALIDATE_INPUTS", None)
+    function_name = validate_function_name(node_class)
+    validate_function = validation_function(node_class)
     if validate_function is not None:
         accepted = set(inspect.getfullargspec(validate_function).args)
         wanted = {k: [v] for k, v in checked.items() if k in accepted}
         results = asyncio.run(execution._async_map_node_over_list(
-            PROMPT_ID, "1", node_class, wanted, "VALIDATE_INPUTS"))
+            PROMPT_ID, "1", node_class, wanted, function_name))
         for result in results:
             if result is not True:
-                raise ValueError(f"ComfyUI refuses the prompt: {node_class.__name__}.VALIDATE_INPUTS says {result!r}")
+                raise ValueError(f"ComfyUI refuses the prompt: {node_class.__name__}.{function_name} says {result!r}")
     return checked
 
 
@@ -106,10 +129,9 @@ def run_node(node_class, *args, **kwargs):
     Returns the node's outputs as a tuple; an output node with no outputs returns {"ui": what it shows}.
     """
     import execution
-    from comfy_api.internal import _ComfyNodeInternal
 
     inputs = validate(node_class, bind_inputs(node_class, args, kwargs))
-    node = node_class if issubclass(node_class, _ComfyNodeInternal) else node_class()
+    node = node_class if is_v3(node_class) else node_class()
     with in_prompt():
         output, ui, _, pending = asyncio.run(execution.get_output_data(
             PROMPT_ID, "1", node, {name: [value] for name, value in inputs.items()}))
@@ -117,3 +139,17 @@ def run_node(node_class, *args, **kwargs):
     if not output and ui:
         return {"ui": ui}
     return tuple(values[0] for values in output)
+
+
+@contextlib.contextmanager
+def recorded_progress():
+    """The (value, total) pairs nodes report through comfy.utils.ProgressBar, as the server's hook receives them."""
+    import comfy.utils
+
+    reports = []
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
+    try:
+        yield reports
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)

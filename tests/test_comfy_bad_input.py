@@ -1,5 +1,5 @@
 """Bad input through the nodes as ComfyUI runs them (issue 11): Encode fed an applied MODEL, queue-time
-validation (VALIDATE_INPUTS, through run_node and called directly), non-finite values that arrive through links,
+validation (V3 validate_inputs, through run_node and called directly), non-finite values that arrive through links,
 and bad tensors given to the nodes. Skipped (with the reason) when COMFYUI_PATH is unset."""
 import math
 
@@ -8,6 +8,8 @@ import torch
 
 from run_as_comfyui import run_node
 from tiny_models import text_conditioning, tiny_setup
+
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
 
 NAN, INF = float("nan"), float("inf")
 LATENT = 8
@@ -102,12 +104,12 @@ def test_bad_widget_values_are_refused_when_the_prompt_is_queued(env, node, inpu
         inputs = dict(dict(cache_1=env["cache"], cache_2=env["cache"], weight_1=1.0, weight_2=1.0), **inputs)
     else:
         inputs = dict(cache=env["cache"], **inputs)
-    with pytest.raises(ValueError, match=r"ComfyUI refuses the prompt: \w+\.VALIDATE_INPUTS says .*" + match):
+    with pytest.raises(ValueError, match=r"ComfyUI refuses the prompt: \w+\.validate_inputs says .*" + match):
         run_node(env[node], **inputs)
 
 
 def test_validate_inputs_called_as_comfyui_calls_it(env):
-    """Only widget values are passed (a linked input is absent); inputs a VALIDATE_INPUTS names lose ComfyUI's own
+    """Only widget values are passed (a linked input is absent); inputs a validate_inputs names lose ComfyUI's own
     min/max check, so the node does it."""
     import inspect
 
@@ -115,25 +117,25 @@ def test_validate_inputs_called_as_comfyui_calls_it(env):
         node = env[name]
         declared = node.INPUT_TYPES()
         names = set(declared["required"]) | set(declared.get("optional", {}))
-        arguments = inspect.getfullargspec(node.VALIDATE_INPUTS).args[1:]
+        arguments = inspect.getfullargspec(node.validate_inputs).args[1:]
         assert set(arguments) <= names, name
-        assert node.VALIDATE_INPUTS() is True, f"{name}: every input linked must pass"
+        assert node.validate_inputs() is True, f"{name}: every input linked must pass"
     apply_node = env["Apply"]
-    assert apply_node.VALIDATE_INPUTS(strength=0.5, start_percent=0.2, end_percent=0.9, reference_weights="1",
+    assert apply_node.validate_inputs(strength=0.5, start_percent=0.2, end_percent=0.9, reference_weights="1",
                                       middle_weight=1.0, decoder_weight=2.0, layer_weights="output.4=0.5") is True
-    assert apply_node.VALIDATE_INPUTS(strength=5.0).startswith("strength is 5.0, outside its range")
-    assert apply_node.VALIDATE_INPUTS(decoder_weight=INF).startswith("decoder_weight is inf, not a finite number")
-    assert apply_node.VALIDATE_INPUTS(start_percent=0.9) is True  # end_percent linked: checked when it runs
-    two = apply_node.VALIDATE_INPUTS(strength=NAN, layer_weights="decoder=1e30")
+    assert apply_node.validate_inputs(strength=5.0).startswith("strength is 5.0, outside its range")
+    assert apply_node.validate_inputs(decoder_weight=INF).startswith("decoder_weight is inf, not a finite number")
+    assert apply_node.validate_inputs(start_percent=0.9) is True  # end_percent linked: checked when it runs
+    two = apply_node.validate_inputs(strength=NAN, layer_weights="decoder=1e30")
     assert two.count("\n") == 1 and "strength is nan" in two and "decoder=1e30" in two
-    assert env["Guider"].VALIDATE_INPUTS(text_cfg=101.0).startswith("text_cfg is 101.0, outside its range")
-    assert env["Guider"].VALIDATE_INPUTS(image_cfg=-INF).startswith("image_cfg is -inf, not a finite number")
-    assert env["Combine"].VALIDATE_INPUTS(weight_1=2.0, weight_2=0.0) is True
-    assert env["Save"].VALIDATE_INPUTS(filename_prefix="dreamcache/ref") is True
+    assert env["Guider"].validate_inputs(text_cfg=101.0).startswith("text_cfg is 101.0, outside its range")
+    assert env["Guider"].validate_inputs(image_cfg=-INF).startswith("image_cfg is -inf, not a finite number")
+    assert env["Combine"].validate_inputs(weight_1=2.0, weight_2=0.0) is True
+    assert env["Save"].validate_inputs(filename_prefix="dreamcache/ref") is True
 
 
 def test_non_finite_values_arriving_through_links_fail_when_the_node_runs(env):
-    """A linked value skips VALIDATE_INPUTS; the node's own code refuses it before any sampling."""
+    """A linked value skips validate_inputs; the node's own code refuses it before any sampling."""
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import combined_guider
     from comfyui_dreamcache.dreamcache_core.guidance import REFERENCE_CHUNKS
 

@@ -9,6 +9,8 @@ import torch
 from tiny_models import sdxl_text_conditioning, text_conditioning, tiny_setup
 from run_as_comfyui import in_prompt, run_node
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 LATENT = 8     # 8x8 latents (64 px) unless a test needs finer token grids
 STEPS = 2
 
@@ -121,20 +123,21 @@ def spy_block(model, block, block_index=0):
 
 def test_guider_node_is_registered_for_sampler_custom_advanced(sd15):
     from comfyui_dreamcache import nodes as pack_nodes
+    from node_contract import in_pack_category
     for node_id, display in (("DreamCacheGuider", "DreamCache Guider"), ("DreamCacheCombine", "Combine DreamCache")):
         node_class = pack_nodes.NODE_CLASS_MAPPINGS[node_id]
         assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == display
-        assert node_class.CATEGORY == "DreamCache" and node_class.DESCRIPTION
+        assert in_pack_category(node_class.CATEGORY) and node_class.DESCRIPTION
         for section in ("required", "optional"):
             for name, spec in node_class.INPUT_TYPES().get(section, {}).items():
                 assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     inputs = pack_nodes.NODE_CLASS_MAPPINGS["DreamCacheGuider"].INPUT_TYPES()["required"]
     assert list(inputs) == ["model", "adapter", "cache", "positive", "negative", "text_cfg", "image_cfg"]
     assert inputs["text_cfg"][1]["default"] == 7.5 and inputs["image_cfg"][1]["default"] == 5.0
-    assert pack_nodes.NODE_CLASS_MAPPINGS["DreamCacheGuider"].RETURN_TYPES == ("GUIDER",)
+    assert tuple(pack_nodes.NODE_CLASS_MAPPINGS["DreamCacheGuider"].RETURN_TYPES) == ("GUIDER",)
     optional = pack_nodes.NODE_CLASS_MAPPINGS["DreamCacheApply"].INPUT_TYPES()["optional"]
     assert optional["attn_mask"][0] == "MASK" and "resized" in optional["attn_mask"][1]["tooltip"]
-    assert "one reference per image" in optional["reference_mode"][0]
+    assert "one reference per image" in optional["reference_mode"][1]["options"]
 
 
 def test_combined_guidance_equals_three_separate_predictions(sd15):

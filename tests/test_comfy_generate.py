@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from tiny_models import ksample, text_conditioning, tiny_sd15_model
 from run_as_comfyui import run_node
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 SIDE = 64  # pixels: an 8x8 latent
 
 

@@ -1,9 +1,11 @@
-"""Every DreamCache node called as ComfyUI calls it: getattr(node, FUNCTION)(**inputs) -> declared types."""
+"""Every DreamCache node called as ComfyUI calls it (run_node: V3 EXECUTE_NORMALIZED on a class clone) -> declared types."""
 import pytest
 import torch
 
-from run_as_comfyui import run_node
+from run_as_comfyui import recorded_progress, run_node
 from tiny_models import text_conditioning, tiny_sd15_model
+
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +46,16 @@ def check_types(node_class, outputs):
         assert isinstance(value, expected[type_name]), (node_class.__name__, type_name, type(value))
 
 
-def test_all_seven_nodes_are_registered_with_the_contract_inputs(env):
+def test_all_contract_nodes_are_registered_with_the_contract_inputs(env):
+    from node_contract import NODE_CONTRACT, in_pack_category
+
     nodes = env["nodes"]
-    contract = {
-        "DreamCacheAdapterLoader": (["adapter_name"], ("DREAMCACHE_ADAPTER",)),
-        "DreamCacheSAMLoader": (["model_name", "device"], ("SAM_MODEL",)),
-        "DreamCacheMaskReference": (["image", "size"], ("IMAGE", "MASK")),
-        "DreamCacheEncode": (["model", "reference", "conditioning", "seed"], ("DREAMCACHE",)),
-        "DreamCacheApply": (["model", "adapter", "cache", "strength", "start_percent", "end_percent", "apply_to"], ("MODEL",)),
-        "DreamCacheSave": (["cache", "filename_prefix"], ()),
-        "DreamCacheLoad": (["cache_name"], ("DREAMCACHE",)),
-    }
-    for node_id, (required, returns) in contract.items():
+    for node_id, (required, _, returns) in NODE_CONTRACT.items():
         node_class = nodes[node_id]
         inputs = node_class.INPUT_TYPES()
-        assert list(inputs["required"]) == required, node_id
-        assert tuple(node_class.RETURN_TYPES) == returns, node_id
-        assert node_class.CATEGORY == "DreamCache"
+        assert list(inputs["required"]) == list(required), node_id
+        assert list(node_class.RETURN_TYPES) == returns, node_id
+        assert in_pack_category(node_class.CATEGORY), node_id
         for name, spec in inputs["required"].items():
             assert len(spec) == 2 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     assert nodes["DreamCacheEncode"].INPUT_TYPES()["optional"]["mask"][0] == "MASK"
@@ -70,7 +65,7 @@ def test_all_seven_nodes_are_registered_with_the_contract_inputs(env):
 
 def test_loader_encode_apply_save_load_chain(env):
     nodes, model = env["nodes"], env["model"]
-    names = nodes["DreamCacheAdapterLoader"].INPUT_TYPES()["required"]["adapter_name"][0]
+    names = nodes["DreamCacheAdapterLoader"].INPUT_TYPES()["required"]["adapter_name"][1]["options"]
     assert "tiny_dreamcache.safetensors" in names
     loaded = run_node(nodes["DreamCacheAdapterLoader"], adapter_name="tiny_dreamcache.safetensors")
     check_types(nodes["DreamCacheAdapterLoader"], loaded)
@@ -83,13 +78,23 @@ def test_loader_encode_apply_save_load_chain(env):
     assert applied[0] is not model and applied[0].model is model.model
     saved = run_node(nodes["DreamCacheSave"], cache=encoded[0], filename_prefix="dreamcache/ref")
     filename = saved["ui"]["dreamcache"][0]["filename"]
-    listed = nodes["DreamCacheLoad"].INPUT_TYPES()["required"]["cache_name"][0]
+    listed = nodes["DreamCacheLoad"].INPUT_TYPES()["required"]["cache_name"][1]["options"]
     assert filename in listed
     reloaded = run_node(nodes["DreamCacheLoad"], cache_name=filename)
     check_types(nodes["DreamCacheLoad"], reloaded)
     for key in encoded[0].keys:
         assert torch.equal(reloaded[0].features[key], encoded[0].features[key])
     assert reloaded[0].metadata == encoded[0].metadata
+
+
+def test_encode_of_several_references_reports_progress_once_for_one_pass(env):
+    """One U-Net pass for the batch (chunks of references would not be bit-identical to it): the bar over the
+    references is filled when the pass ends, and the cache holds every reference."""
+    reference = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))}
+    with recorded_progress() as reports:
+        (cache,) = run_node(env["nodes"]["DreamCacheEncode"], env["model"], reference, text_conditioning(0), 3)
+    assert reports == [(3, 3)]
+    assert cache.num_references == 3
 
 
 def test_broken_adapter_file_gives_advice(env):

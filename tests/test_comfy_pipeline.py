@@ -8,6 +8,8 @@ import torch
 from tiny_models import ksample, text_conditioning, tiny_sd15_model, tiny_setup
 from run_as_comfyui import run_node
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 LATENT = 16  # 16x16 latent = 128 px image
 
 

@@ -27,6 +27,8 @@ from comfy_server import new_base_directory, running_server
 from conftest import PACK_ROOT, import_comfy
 from frontend_prompts import chromium_or_skip, frontend_prompts
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 WORKFLOW_DIR = PACK_ROOT / "example_workflows"
 WORKFLOWS = sorted(path.stem for path in WORKFLOW_DIR.glob("*.json"))
 # Which random model stands in for each file name the workflows use.

@@ -11,6 +11,8 @@ import torch
 from tiny_models import ksample
 from run_as_comfyui import run_node
 
+pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
 N_SAMPLES = 6
 TOY_CONTEXT = 32
 

@@ -277,14 +277,13 @@ def run_mask_reference(**inputs):
     return run_node(DreamCacheMaskReference, **inputs)
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_declaration(comfy):
-    from comfyui_dreamcache.nodes.mask_reference import (
-        NODE_CLASS_MAPPINGS,
-        NODE_DISPLAY_NAME_MAPPINGS,
-        DreamCacheMaskReference,
-    )
-    assert NODE_CLASS_MAPPINGS == {"DreamCacheMaskReference": DreamCacheMaskReference}
-    assert NODE_DISPLAY_NAME_MAPPINGS == {"DreamCacheMaskReference": "Mask Reference"}
+    from comfyui_dreamcache import nodes as pack_nodes
+    from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
+    from node_contract import in_pack_category
+    assert pack_nodes.NODE_CLASS_MAPPINGS["DreamCacheMaskReference"] is DreamCacheMaskReference
+    assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["DreamCacheMaskReference"] == "Mask Reference"
     inputs = DreamCacheMaskReference.INPUT_TYPES()
     assert list(inputs["required"]) == ["image", "size"]
     assert inputs["required"]["image"][0] == "IMAGE"
@@ -295,11 +294,12 @@ def test_mask_reference_node_declaration(comfy):
     for section in inputs.values():
         for name, (_, options) in section.items():
             assert options.get("tooltip"), f"{name} has no tooltip"
-    assert DreamCacheMaskReference.RETURN_TYPES == ("IMAGE", "MASK")
+    assert tuple(DreamCacheMaskReference.RETURN_TYPES) == ("IMAGE", "MASK")
     assert len(DreamCacheMaskReference.OUTPUT_TOOLTIPS) == 2
-    assert DreamCacheMaskReference.CATEGORY == "DreamCache" and DreamCacheMaskReference.DESCRIPTION
+    assert in_pack_category(DreamCacheMaskReference.CATEGORY) and DreamCacheMaskReference.DESCRIPTION
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_with_a_mask(comfy):
     image, mask = scene()
     small_mask = resize_mask(mask, 100, 150)[None]  # another size: resized to the image
@@ -310,6 +310,7 @@ def test_mask_reference_node_with_a_mask(comfy):
     assert torch.all(out_image[out_mask == 0] == 1.0)
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_uses_transparency(comfy):
     image, mask = scene()
     rgba = torch.cat([image, mask[..., None]], dim=-1)[None]
@@ -319,6 +320,7 @@ def test_mask_reference_node_uses_transparency(comfy):
     torch.testing.assert_close(out_mask[0], reference_mask)
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_errors_say_what_to_do(comfy, caplog):
     image, mask = scene()
     with pytest.raises(ValueError, match="connect a mask .* or a SAM model"):

@@ -198,6 +198,35 @@ def test_segment_subject_end_to_end_with_a_random_vit_b(random_vit_b_state_dict)
 # The nodes, called as ComfyUI calls them
 # --------------------------------------------------------------------------
 
+@pytest.mark.comfy
+@pytest.mark.parametrize("choice", ["auto", "gpu", "cpu"])
+def test_sam_is_a_model_patcher_that_comfyui_loads(comfy, choice):
+    """The SAM_MODEL holds a ModelPatcher with the loader's devices; segmenting loads it with load_models_gpu, so
+    ComfyUI's memory manager (not the node) decides when it leaves the compute device."""
+    import comfy.model_management
+    import comfy.model_patcher
+    from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
+    from comfyui_dreamcache.nodes.sam_loader import DreamCacheSamModel, resolve_sam_devices
+
+    compute, storage = resolve_sam_devices(choice)
+    expected = {"auto": (comfy.model_management.get_torch_device(), comfy.model_management.unet_offload_device()),
+                "gpu": (comfy.model_management.get_torch_device(),) * 2,
+                "cpu": (torch.device("cpu"),) * 2}[choice]
+    assert (compute, storage) == expected
+    sam_model = DreamCacheSamModel(tiny_sam(full_mask=True), "tiny", compute, storage)
+    patcher = sam_model.patcher
+    assert isinstance(patcher, comfy.model_patcher.ModelPatcher)
+    assert (patcher.load_device, patcher.offload_device) == (compute, storage)
+    assert patcher.model.sam is sam_model.sam
+    comfy.model_management.unload_all_models()
+    _, mask = call_node(DreamCacheMaskReference, image=subject_image().unsqueeze(0), size=64, sam_model=sam_model)
+    assert mask.shape == (1, 64, 64) and mask.max() == 1.0
+    assert any(loaded.model is patcher for loaded in comfy.model_management.current_loaded_models)
+    assert next(sam_model.sam.parameters()).device == compute
+    comfy.model_management.unload_all_models()
+    assert next(sam_model.sam.parameters()).device == storage
+
+
 def call_node(node_class, **inputs):
     from run_as_comfyui import run_node
     return run_node(node_class, **inputs)
@@ -212,23 +241,27 @@ def sams_folder(comfy, tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.comfy
 def test_sam_loader_node_declaration(comfy):
-    from comfyui_dreamcache.nodes.sam_loader import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, DreamCacheSAMLoader
+    from comfyui_dreamcache import nodes as pack_nodes
+    from comfyui_dreamcache.nodes.sam_loader import DreamCacheSAMLoader
+    from node_contract import in_pack_category
     import folder_paths
 
     assert "sams" in folder_paths.folder_names_and_paths
-    assert NODE_CLASS_MAPPINGS == {"DreamCacheSAMLoader": DreamCacheSAMLoader}
-    assert NODE_DISPLAY_NAME_MAPPINGS == {"DreamCacheSAMLoader": "Load SAM Model (DreamCache)"}
+    assert pack_nodes.NODE_CLASS_MAPPINGS["DreamCacheSAMLoader"] is DreamCacheSAMLoader
+    assert pack_nodes.NODE_DISPLAY_NAME_MAPPINGS["DreamCacheSAMLoader"] == "Load SAM Model (DreamCache)"
     required = DreamCacheSAMLoader.INPUT_TYPES()["required"]
     assert list(required) == ["model_name", "device"]
-    assert required["device"][0] == ["auto", "cpu", "gpu"]
+    assert required["device"][1]["options"] == ["auto", "cpu", "gpu"]
     assert all(options.get("tooltip") for _, options in required.values())
-    assert DreamCacheSAMLoader.RETURN_TYPES == ("SAM_MODEL",)
+    assert tuple(DreamCacheSAMLoader.RETURN_TYPES) == ("SAM_MODEL",)
     assert len(DreamCacheSAMLoader.OUTPUT_TOOLTIPS) == 1
-    assert DreamCacheSAMLoader.CATEGORY == "DreamCache" and DreamCacheSAMLoader.DESCRIPTION
+    assert in_pack_category(DreamCacheSAMLoader.CATEGORY) and DreamCacheSAMLoader.DESCRIPTION
 
 
 @pytest.mark.parametrize("file_name", ["sam_vit_b_random.safetensors", "sam_vit_b_random.pth"])
+@pytest.mark.comfy
 def test_sam_loader_loads_a_vit_b_file(sams_folder, random_vit_b_state_dict, file_name):
     import safetensors.torch
     from comfyui_dreamcache.nodes.sam_loader import DreamCacheSAMLoader, DreamCacheSamModel
@@ -240,7 +273,7 @@ def test_sam_loader_loads_a_vit_b_file(sams_folder, random_vit_b_state_dict, fil
         torch.save(random_vit_b_state_dict, path)
     (sams_folder / "readme.txt").write_text("not a model")
 
-    assert DreamCacheSAMLoader.INPUT_TYPES()["required"]["model_name"][0] == [file_name]
+    assert DreamCacheSAMLoader.INPUT_TYPES()["required"]["model_name"][1]["options"] == [file_name]
     (sam_model,) = call_node(DreamCacheSAMLoader, model_name=file_name, device="cpu")
     assert isinstance(sam_model, DreamCacheSamModel)
     assert sam_model.variant == "vit_b" and sam_model.name == file_name
@@ -250,6 +283,7 @@ def test_sam_loader_loads_a_vit_b_file(sams_folder, random_vit_b_state_dict, fil
     assert auto_model.compute_device.type == "cpu"  # the tests run ComfyUI in CPU mode
 
 
+@pytest.mark.comfy
 def test_sam_loader_refuses_non_sam_and_corrupt_files(sams_folder):
     import safetensors.torch
     from comfyui_dreamcache.nodes.sam_loader import DreamCacheSAMLoader
@@ -262,6 +296,7 @@ def test_sam_loader_refuses_non_sam_and_corrupt_files(sams_folder):
         call_node(DreamCacheSAMLoader, model_name="broken.pth", device="cpu")
 
 
+@pytest.mark.comfy
 def test_mask_reference_node_segments_with_sam(comfy):
     from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
     from comfyui_dreamcache.nodes.sam_loader import DreamCacheSamModel
@@ -278,6 +313,11 @@ def test_mask_reference_node_segments_with_sam(comfy):
 
     with pytest.raises(ValueError, match="not a Segment Anything model"):
         call_node(DreamCacheMaskReference, image=images, size=64, sam_model="sam")
+
+    from run_as_comfyui import recorded_progress
+    with recorded_progress() as reports:
+        call_node(DreamCacheMaskReference, image=images, size=64, sam_model=wrapped)
+    assert reports == [(1, 2), (2, 2)], "the SAM batch reports one step per image"
 
     class EmptySamModel(DreamCacheSamModel):
         def segment(self, images_rgb):

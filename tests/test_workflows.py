@@ -25,15 +25,11 @@ from pathlib import Path
 import pytest
 
 from conftest import PACK_ROOT, import_comfy
+from node_contract import NODE_IDS as DREAMCACHE_NODE_IDS
 
 WORKFLOW_DIR = PACK_ROOT / "example_workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 
-# The node contract (DESIGN.md section 4, plus issue 4's guider and combine): saved workflows reference these ids.
-DREAMCACHE_NODE_IDS = {
-    "DreamCacheAdapterLoader", "DreamCacheSAMLoader", "DreamCacheMaskReference", "DreamCacheEncode",
-    "DreamCacheApply", "DreamCacheSave", "DreamCacheLoad", "DreamCacheGuider", "DreamCacheCombine",
-}
 # Nodes that live in the frontend only: the server does not know them.
 FRONTEND_ONLY_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -285,6 +281,7 @@ def output_types(node_class):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_node_types_exist(path, registry):
     all_nodes, pack_nodes = registry
     workflow = load_workflow(path)
@@ -300,6 +297,7 @@ def test_node_types_exist(path, registry):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_inputs_match_input_types(path, registry):
     all_nodes, _ = registry
     workflow = load_workflow(path)
@@ -325,6 +323,7 @@ def test_inputs_match_input_types(path, registry):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_outputs_match_return_types(path, registry):
     all_nodes, _ = registry
     workflow = load_workflow(path)
@@ -341,6 +340,7 @@ def test_outputs_match_return_types(path, registry):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_links_join_types_comfyui_accepts(path, registry):
     from comfy_execution.validation import validate_node_input
 
@@ -360,6 +360,7 @@ def test_links_join_types_comfyui_accepts(path, registry):
 
 
 @pytest.mark.parametrize("path", workflow_params())
+@pytest.mark.comfy
 def test_widget_values_match_the_widgets(path, registry):
     all_nodes, _ = registry
     workflow = load_workflow(path)
