@@ -353,21 +353,28 @@ def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
     return time.perf_counter() - start
 
 
-def counted_flops(run: Callable[[], object]) -> int:
+def counted_flops(run: Callable[[], object], gradients: bool = False) -> int:
     """Floating-point operations of ``run()`` as torch's FlopCounterMode counts them (matmuls, convolutions,
-    attention): a machine-independent measure beside the wall times."""
+    attention): a machine-independent measure beside the wall times. ``gradients``: run with autograd on, so
+    that a backward pass inside ``run`` is counted too."""
     from torch.utils import flop_counter
 
     def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    # torch's counter knows the GPU attention kernels but not the CPU one ComfyUI's PyTorch attention uses there
+    def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                     **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    # torch's counter knows the GPU attention kernels but not the CPU ones ComfyUI's PyTorch attention uses there
     custom = {}
-    cpu_kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_kernel is not None:
-        custom[cpu_kernel] = cpu_attention_flops
+    for name, count in (("_scaled_dot_product_flash_attention_for_cpu", cpu_attention_flops),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", cpu_attention_backward_flops)):
+        kernel = getattr(torch.ops.aten, name, None)
+        if kernel is not None:
+            custom[kernel] = count
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=custom)
-    with counter, torch.no_grad():
+    with counter, (torch.enable_grad() if gradients else torch.no_grad()):
         run()
     return int(counter.get_total_flops())
 
