@@ -714,16 +714,21 @@ def main(argv=None) -> list:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     results = [benchmark_shape(SHAPES[name], device, dtype, settings, log) for name in shapes]
     environment = environment_info(device)
-    table = markdown_table(results, environment, command_line(argv))
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(table + "\n")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"command": command_line(argv), "environment": environment, "results": results}, handle,
-                      indent=2)
+    report_results(markdown_table(results, environment, command_line(argv)), results, environment,
+                   command_line(argv), args.markdown, args.json)
     return results
+
+
+def report_results(table: str, results: list, environment: dict, command: str, markdown_path: Optional[str],
+                   json_path: Optional[str]) -> None:
+    """Print the table; write it to ``markdown_path`` and the results to ``json_path`` when given."""
+    print(table)
+    if markdown_path:
+        with open(markdown_path, "w", encoding="utf-8") as handle:
+            handle.write(table + "\n")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump({"command": command, "environment": environment, "results": results}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -225,14 +225,10 @@ def missing_shards(out_dir: str, total: int, shard_size: int) -> list:
             if read_shard_summary(os.path.join(out_dir, shard_name(s))) is None]
 
 
-def file_sha256(path: str) -> str:
-    from .generate import file_sha256 as sha256
-
-    return sha256(path)
-
-
 def check_settings(out_dir: str, settings: SynthesisSettings, captions_path: str, total: int) -> None:
     """Write synthesis.json, or refuse when the folder was started with other settings or captions."""
+    from .generate import file_sha256
+
     record = {"format": SETTINGS_FORMAT, "settings": json.loads(json.dumps(asdict(settings))),
               "captions": {"rows": total, "sha256": file_sha256(captions_path)}}
     path = os.path.join(out_dir, SETTINGS_FILE)

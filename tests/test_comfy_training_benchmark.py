@@ -14,6 +14,7 @@ def test_training_benchmark_times_every_configuration_and_writes_its_table(comfy
             "--markdown", str(tmp_path / "t.md")]
     results = training_benchmark.main(argv)
     forward = training_benchmark.forward_flops("tiny", torch.device("cpu"))
+    assert training_benchmark.meta_forward_flops("tiny") == forward  # the meta count is the real path's count
     assert [(r["precision"], r["gradient_checkpointing"]) for r in results] == [
         ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
     for r in results:
