@@ -692,19 +692,25 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return getattr(torch, choice)
 
 
-def command_line(argv) -> str:
-    return "python -m dreamcache_core.benchmark" + ("" if not argv else " " + " ".join(argv))
+def command_line(argv, module: str = "dreamcache_core.benchmark") -> str:
+    return f"python -m {module}" + ("" if not argv else " " + " ".join(argv))
 
 
-def main(argv=None) -> list:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+def prepare_device(args) -> torch.device:
+    """The device ``args.device`` names, with ComfyUI made importable for it and torch's CPU threads set."""
     device = resolve_device(args.device)
     from .comfy_bridge import ensure_comfyui
 
     ensure_comfyui(args.comfyui, cpu=device.type == "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return device
+
+
+def main(argv=None) -> list:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = prepare_device(args)
     dtype = resolve_dtype(args.dtype, device)
     shapes = list(args.shape or ["mid"])
     if args.full:

@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 
 from .benchmark import (SHAPES, build_model, command_line, conditioning, counted_flops, environment_info, median,
-                        report_results, resolve_device, synchronize)
+                        prepare_device, report_results, synchronize)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -276,12 +276,8 @@ def parse_args(argv=None):
 def main(argv=None) -> list:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    from .comfy_bridge import ensure_comfyui
-
-    ensure_comfyui(args.comfyui, cpu=device.type == "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = prepare_device(args)
+    command = command_line(argv, "dreamcache_core.training_benchmark")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32"])
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     settings = StepSettings(args.batch, args.repeats, args.warmup, args.seed)
@@ -292,14 +288,12 @@ def main(argv=None) -> list:
             print(f"{name}: {count / 1e12:.4f} TFLOP per sample, one plain forward pass")
         if args.json:
             with open(args.json, "w", encoding="utf-8") as handle:
-                json.dump({"command": command_line(argv).replace("benchmark", "training_benchmark", 1),
-                           "forward_flops_per_sample": counts}, handle, indent=2)
+                json.dump({"command": command, "forward_flops_per_sample": counts}, handle, indent=2)
         return [counts]
     results = []
     for name in args.shape or ["tiny"]:
         results += benchmark_shape(name, device, settings, precisions, checkpointing, log)
     environment = environment_info(device)
-    command = command_line(argv).replace("benchmark", "training_benchmark", 1)
     report_results(markdown_table(results, environment, command), results, environment, command, args.markdown,
                    args.json)
     return results
