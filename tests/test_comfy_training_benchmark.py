@@ -9,14 +9,17 @@ import torch
 def test_training_benchmark_times_every_configuration_and_writes_its_table(comfy, tmp_path):
     from comfyui_dreamcache.dreamcache_core import training_benchmark
 
-    argv = ["--shape", "tiny", "--device", "cpu", "--precision", "fp32", "--precision", "bf16", "--checkpointing",
+    argv = ["--shape", "tiny", "--device", "cpu", "--precision", "fp32", "--checkpointing",
             "both", "--batch", "1", "--repeats", "2", "--warmup", "0", "--json", str(tmp_path / "t.json"),
-            "--markdown", str(tmp_path / "t.md")]
-    results = training_benchmark.main(argv)
-    forward = training_benchmark.forward_flops("tiny", torch.device("cpu"))
+            "--markdown", str(tmp_path / "t.md"), "--threads", "1"]  # one thread: tiny steps on a busy machine
+    threads = torch.get_num_threads()
+    try:
+        results = training_benchmark.main(argv)
+        forward = training_benchmark.forward_flops("tiny", torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
     assert training_benchmark.meta_forward_flops("tiny") == forward  # the meta count is the real path's count
-    assert [(r["precision"], r["gradient_checkpointing"]) for r in results] == [
-        ("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+    assert [(r["precision"], r["gradient_checkpointing"]) for r in results] == [("fp32", False), ("fp32", True)]
     for r in results:
         for name in ("plain", "adapter", "adapter_cached"):
             assert len(r["all_seconds"][name]) == 2 and all(t > 0 for t in r["all_seconds"][name])
@@ -30,9 +33,9 @@ def test_training_benchmark_times_every_configuration_and_writes_its_table(comfy
         assert f["adapter_cached"] < f["plain"]
         assert f["adapter"] - f["adapter_cached"] == pytest.approx(forward, rel=0.05)
     saved = json.loads((tmp_path / "t.json").read_text())
-    assert len(saved["results"]) == 4
+    assert len(saved["results"]) == 2
     table = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith("| tiny")]
-    assert len(table) == 4
+    assert len(table) == 2
     cells = [c.strip() for c in table[0].strip("|").split("|")]
     assert cells[:4] == ["tiny (128px)", "fp32", "off", "1"]
     assert math.isclose(float(cells[4].split()[0]), results[0]["samples_per_second"]["plain"], rel_tol=0.01,
