@@ -258,21 +258,28 @@ def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
     return time.perf_counter() - start
 
 
-def counted_flops(run: Callable[[], object]) -> int:
+def counted_flops(run: Callable[[], object], gradients: bool = False) -> int:
     """Floating-point operations of ``run()`` as torch's FlopCounterMode counts them (matmuls, convolutions,
-    attention): a machine-independent measure beside the wall times."""
+    attention): a machine-independent measure beside the wall times. ``gradients``: run with autograd on, so
+    that a backward pass inside ``run`` is counted too."""
     from torch.utils import flop_counter
 
     def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
         return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
 
-    # torch's counter knows the GPU attention kernels but not the CPU one ComfyUI's PyTorch attention uses there
+    def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                     **kwargs):
+        return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    # torch's counter knows the GPU attention kernels but not the CPU ones ComfyUI's PyTorch attention uses there
     custom = {}
-    cpu_kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_kernel is not None:
-        custom[cpu_kernel] = cpu_attention_flops
+    for name, count in (("_scaled_dot_product_flash_attention_for_cpu", cpu_attention_flops),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", cpu_attention_backward_flops)):
+        kernel = getattr(torch.ops.aten, name, None)
+        if kernel is not None:
+            custom[kernel] = count
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=custom)
-    with counter, torch.no_grad():
+    with counter, (torch.enable_grad() if gradients else torch.no_grad()):
         run()
     return int(counter.get_total_flops())
 
@@ -571,19 +578,25 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return getattr(torch, choice)
 
 
-def command_line(argv) -> str:
-    return "python -m dreamcache_core.benchmark" + ("" if not argv else " " + " ".join(argv))
+def command_line(argv, module: str = "dreamcache_core.benchmark") -> str:
+    return f"python -m {module}" + ("" if not argv else " " + " ".join(argv))
 
 
-def main(argv=None) -> list:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+def prepare_device(args) -> torch.device:
+    """The device ``args.device`` names, with ComfyUI made importable for it and torch's CPU threads set."""
     device = resolve_device(args.device)
     from .comfy_bridge import ensure_comfyui
 
     ensure_comfyui(args.comfyui, cpu=device.type == "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return device
+
+
+def main(argv=None) -> list:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    device = prepare_device(args)
     dtype = resolve_dtype(args.dtype, device)
     shapes = list(args.shape or ["mid"])
     if args.full:
@@ -593,16 +606,21 @@ def main(argv=None) -> list:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     results = [benchmark_shape(SHAPES[name], device, dtype, settings, log) for name in shapes]
     environment = environment_info(device)
-    table = markdown_table(results, environment, command_line(argv))
-    print(table)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as handle:
-            handle.write(table + "\n")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"command": command_line(argv), "environment": environment, "results": results}, handle,
-                      indent=2)
+    report_results(markdown_table(results, environment, command_line(argv)), results, environment,
+                   command_line(argv), args.markdown, args.json)
     return results
+
+
+def report_results(table: str, results: list, environment: dict, command: str, markdown_path: Optional[str],
+                   json_path: Optional[str]) -> None:
+    """Print the table; write it to ``markdown_path`` and the results to ``json_path`` when given."""
+    print(table)
+    if markdown_path:
+        with open(markdown_path, "w", encoding="utf-8") as handle:
+            handle.write(table + "\n")
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as handle:
+            json.dump({"command": command, "environment": environment, "results": results}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def build_dataset(images_dir: str, out_dir: str, captions_csv: Optional[str] = N
                   augment: AugmentSettings = AugmentSettings(), manifest_name: str = "manifest.jsonl",
                   log=print) -> BuildReport:
     """Build ``<out_dir>/<manifest_name>`` and the references; see the module docstring."""
-    from .reference_mask import EmptyMaskError, cut_subject_on_white, resize_mask
+    from .reference_mask import EmptyMaskError, resize_mask
 
     captions = read_captions_csv(captions_csv) if captions_csv else {}
     report = BuildReport()
@@ -186,28 +186,52 @@ def build_dataset(images_dir: str, out_dir: str, captions_csv: Optional[str] = N
             report.skipped.append((name, f"no mask ({stem}{mask_suffix}.png beside it) and no SAM model (--sam)"))
             continue
         try:
-            cut_image, cut_mask = cut_subject_on_white(image, mask, reference_size, margin)
+            add_references(report, path, image, mask, caption, reference_dir, references_per_image, reference_size,
+                           margin, seed, augment)
         except EmptyMaskError:
             report.skipped.append((name, "the subject mask is empty" + (" (SAM found nothing)" if not mask_path else "")))
+    write_report(report, out_dir, manifest_name)
+    log(report.text())
+    return report
+
+
+def add_references(report: BuildReport, target_path: str, image: torch.Tensor, mask: torch.Tensor, caption: str,
+                   reference_dir: str, references_per_image: int, reference_size: int, margin: float, seed: int,
+                   augment: AugmentSettings = AugmentSettings()) -> int:
+    """Cut the subject onto white, write ``references_per_image`` augmented references of it and add their rows.
+
+    References are ``<reference_dir>/<stem>_ref<k>.png`` (+ ``_mask.png``), augmented with the generator
+    ("augment", seed, stem, k). Raises ``reference_mask.EmptyMaskError`` when the mask is empty; returns the
+    number of rows added (a reference whose subject left the frame is listed as skipped instead).
+    """
+    from .reference_mask import cut_subject_on_white
+
+    name = os.path.basename(target_path)
+    stem = os.path.splitext(name)[0]
+    cut_image, cut_mask = cut_subject_on_white(image, mask, reference_size, margin)
+    added = 0
+    for k in range(references_per_image):
+        generator = generator_for("augment", seed, stem, k)
+        ref_image, ref_mask = augment_reference(cut_image, cut_mask, generator, augment)
+        if not bool((ref_mask >= 0.5).any()):
+            report.skipped.append((f"{name} reference {k}", "the subject left the frame after augmentation"))
             continue
-        for k in range(references_per_image):
-            generator = generator_for("augment", seed, stem, k)
-            ref_image, ref_mask = augment_reference(cut_image, cut_mask, generator, augment)
-            if not bool((ref_mask >= 0.5).any()):
-                report.skipped.append((f"{name} reference {k}", "the subject left the frame after augmentation"))
-                continue
-            ref_path = os.path.join(reference_dir, f"{stem}_ref{k}.png")
-            ref_mask_path = os.path.join(reference_dir, f"{stem}_ref{k}_mask.png")
-            save_image(ref_image, ref_path)
-            save_image(ref_mask, ref_mask_path)
-            report.rows.append(ManifestRow(len(report.rows), 0, os.path.abspath(path), os.path.abspath(ref_path),
-                                           caption, os.path.abspath(ref_mask_path), f"{stem}_ref{k}"))
+        ref_path = os.path.join(reference_dir, f"{stem}_ref{k}.png")
+        ref_mask_path = os.path.join(reference_dir, f"{stem}_ref{k}_mask.png")
+        save_image(ref_image, ref_path)
+        save_image(ref_mask, ref_mask_path)
+        report.rows.append(ManifestRow(len(report.rows), 0, os.path.abspath(target_path), os.path.abspath(ref_path),
+                                       caption, os.path.abspath(ref_mask_path), f"{stem}_ref{k}"))
+        added += 1
+    return added
+
+
+def write_report(report: BuildReport, out_dir: str, manifest_name: str = "manifest.jsonl") -> None:
+    """``<out_dir>/<manifest_name>`` (the rows) and ``<out_dir>/skipped.txt`` (name<TAB>reason a line)."""
     os.makedirs(out_dir, exist_ok=True)
     write_manifest(report.rows, os.path.join(out_dir, manifest_name))
     with open(os.path.join(out_dir, "skipped.txt"), "w", encoding="utf-8") as handle:
         handle.write("".join(f"{name}\t{reason}\n" for name, reason in report.skipped))
-    log(report.text())
-    return report
 
 
 def sam_segmenter(path: str, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:

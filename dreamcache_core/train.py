@@ -18,7 +18,8 @@ trains; captions are replaced by the empty prompt with --caption-dropout and
 references by a white one with --reference-dropout.
 
 --data is a JSONL manifest (see training_data; build one with
-``python -m dreamcache_core.dataset``) encoded on the fly with the
+``python -m dreamcache_core.dataset``), or a sharded one (``python -m
+dreamcache_core.synthesize``'s folder, read shard by shard), encoded on the fly with the
 checkpoint's VAE and text encoder, or a folder written by --precompute.
 """
 from __future__ import annotations
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unet-dtype", default="auto", help="auto (ComfyUI's choice) | fp32 | fp16 | bf16")
     g.add_argument("--cpu", action="store_true", help="run on the CPU")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="manifest .jsonl, or a folder written by --precompute")
+    g.add_argument("--data", required=True, help="manifest .jsonl, a sharded folder (or its index.json) written by "
+                                                 "dreamcache_core.synthesize, or a folder written by --precompute")
     g.add_argument("--resolution", type=int, default=512, help="training image size (shorter side, centre crop)")
     g.add_argument("--reference-resolution", type=int, help="reference size (default: --resolution)")
     g.add_argument("--no-masks", action="store_true", help="ignore reference masks (cache every reference token)")
@@ -113,13 +115,18 @@ def make_source(args, clip, vae):
     from .training_data import PrecomputedStore, read_manifest
     from .training_sources import ComfyImageEncoder, ComfyTextEncoder, ManifestSource, StoreSource
 
+    from .sharded_manifest import ShardedManifest, is_sharded
+
     use_masks = not args.no_masks
-    if os.path.isdir(args.data):
+    if is_sharded(args.data):
+        manifest = ShardedManifest(args.data)
+    elif os.path.isdir(args.data):
         if not PrecomputedStore.is_store(args.data):
             raise ValueError(f"--data {args.data} is a folder but not a precomputed store (no store.json); pass the "
                              "manifest .jsonl or a folder written by --precompute.")
         return StoreSource(PrecomputedStore(args.data), use_masks), None
-    manifest = read_manifest(args.data)
+    else:
+        manifest = read_manifest(args.data)
     if args.toy_encoders:
         from .toy_world import ToyImageEncoder, ToyTextEncoder
 

@@ -28,7 +28,7 @@ The precomputed store (a folder)
 ``store.json`` (format name/version, sample count, model signature, what is
 inside) + ``special.safetensors`` (the empty caption's text embedding and the
 null reference: a white image's latent, and its cache when caches were
-precomputed) + ``samples/<index>.safetensors`` holding, per sample,
+precomputed) + ``samples/<index // 1000>/<index>.safetensors`` holding, per sample,
 ``target_latent`` [C, h, w] (raw VAE latent, as in a LATENT), ``reference_latent``,
 optional ``reference_mask`` [H, W], ``text_cond`` [T, D], optional ``text_pooled``
 and optionally the reference cache (``cache.features.<layer>``,
@@ -59,6 +59,7 @@ MANIFEST_FIELDS = ("target", "reference", "reference_mask", "caption", "id")
 REQUIRED_FIELDS = ("target", "reference", "caption")
 STORE_FORMAT = "dreamcache-training-store"
 STORE_VERSION = "1"
+SAMPLES_PER_FOLDER = 1000  # precomputed samples per sub-folder of samples/
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -449,7 +450,14 @@ class PrecomputedStore:
         return bool(self.info.get("has_caches"))
 
     def sample_path(self, index: int) -> str:
-        return os.path.join(self.root, "samples", f"{index:08d}.safetensors")
+        """``samples/<index // SAMPLES_PER_FOLDER>/<index>.safetensors`` (a few thousand files per folder, also
+        for hundreds of thousands of samples); stores written before that layout keep theirs flat in samples/."""
+        nested = os.path.join(self.root, "samples", f"{index // SAMPLES_PER_FOLDER:05d}", f"{index:08d}.safetensors")
+        if not os.path.isfile(nested):
+            flat = os.path.join(self.root, "samples", f"{index:08d}.safetensors")
+            if os.path.isfile(flat):
+                return flat
+        return nested
 
     def write_sample(self, index: int, sample: PreparedSample) -> None:
         from safetensors.torch import save_file

@@ -1,18 +1,16 @@
 """Headless generation, the benchmark and K/V reuse on tiny models through ComfyUI's real sampling code.
 
 Skipped (with the reason) when COMFYUI_PATH is unset. The checkpoint's text encoder and VAE are replaced by
-tiny deterministic stand-ins (``TinyPipeline``); the U-Net, Encode, Apply and the samplers are ComfyUI's.
+tiny deterministic stand-ins (``tiny_models.tiny_pipeline``); the U-Net, Encode, Apply and the samplers are ComfyUI's.
 """
-import hashlib
 import json
 import shlex
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tiny_models import ksample, text_conditioning, tiny_sd15_model
+from tiny_models import ksample, text_conditioning, tiny_pipeline, tiny_sd15_model
 from run_as_comfyui import run_node
 
 pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
@@ -29,19 +27,6 @@ def setup(tmp_path_factory):
     from comfyui_dreamcache.dreamcache_core.adapter_io import save_adapter
     from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
 
-    class TinyPipeline(generate.Pipeline):
-        """Deterministic stand-ins for CLIP Text Encode and the VAE (the U-Net is a real ComfyUI model)."""
-
-        def encode_text(self, text):
-            return text_conditioning(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
-
-        def encode_image(self, image):
-            pooled = F.avg_pool2d(image[..., :3].permute(0, 3, 1, 2), 8)
-            return torch.cat([pooled, pooled.mean(1, keepdim=True)], 1) * 2 - 1
-
-        def decode(self, samples):
-            return torch.sigmoid(F.interpolate(samples[:, :3], scale_factor=8, mode="nearest")).permute(0, 2, 3, 1)
-
     model = tiny_sd15_model(seed=0)
     unet = model.model.diffusion_model
     adapter = build_adapter(discover_memory_layers(unet), model_signature(unet)).randomize_(seed=7, scale=0.5)
@@ -54,7 +39,7 @@ def setup(tmp_path_factory):
     mask[20:60, 16:56] = 1.0
     generate.save_png(reference, str(folder / "reference.png"))
     generate.save_png(mask, str(folder / "reference_mask.png"))
-    return {"generate": generate, "pipeline": TinyPipeline(model), "model": model, "adapter": adapter,
+    return {"generate": generate, "pipeline": tiny_pipeline(model), "model": model, "adapter": adapter,
             "adapter_path": adapter_path, "folder": folder}
 
 

@@ -1,5 +1,6 @@
 """Training data, dataset builder, augmentation and the sample stream (pure torch, no ComfyUI)."""
 import json
+import os
 
 import pytest
 import torch
@@ -213,6 +214,22 @@ def test_store_round_trip(tmp_path):
     assert special.empty_pooled is None and special.null_cache is None
     with pytest.raises(ValueError, match="missing"):
         again.read_sample(5)
+
+
+def test_store_keeps_a_thousand_samples_per_folder_and_reads_flat_older_stores(tmp_path):
+    import shutil
+
+    sample = PreparedSample(torch.randn(4, 8, 8), torch.randn(4, 8, 8), torch.randn(4, 32), caption="a cup")
+    store = PrecomputedStore(str(tmp_path))
+    for index in (0, 999, 1000, 123456):
+        store.write_sample(index, sample)
+    assert sorted(os.listdir(tmp_path / "samples")) == ["00000", "00001", "00123"]
+    assert sorted(os.listdir(tmp_path / "samples" / "00000")) == ["00000000.safetensors", "00000999.safetensors"]
+    assert (tmp_path / "samples" / "00123" / "00123456.safetensors").is_file()
+    # a store of the earlier, flat layout still reads
+    shutil.move(str(tmp_path / "samples" / "00001" / "00001000.safetensors"), str(tmp_path / "samples"))
+    assert store.sample_path(1000) == str(tmp_path / "samples" / "00001000.safetensors")
+    assert store.read_sample(1000).caption == "a cup"
 
 
 def test_toy_world_is_deterministic_and_captions_leave_out_colour_and_texture():

@@ -21,6 +21,28 @@ def text_conditioning(seed: int, tokens: int = 8, batch: int = 1):
     return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=generator), {}]]
 
 
+def tiny_pipeline(model):
+    """generate.Pipeline with deterministic stand-ins for CLIP Text Encode and the VAE (the U-Net is ``model``)."""
+    import hashlib
+
+    import torch.nn.functional as F
+
+    from comfyui_dreamcache.dreamcache_core.generate import Pipeline
+
+    class TinyPipeline(Pipeline):
+        def encode_text(self, text):
+            return text_conditioning(int(hashlib.sha256(text.encode()).hexdigest()[:8], 16))
+
+        def encode_image(self, image):
+            pooled = F.avg_pool2d(image[..., :3].permute(0, 3, 1, 2), 8)
+            return torch.cat([pooled, pooled.mean(1, keepdim=True)], 1) * 2 - 1
+
+        def decode(self, samples):
+            return torch.sigmoid(F.interpolate(samples[:, :3], scale_factor=8, mode="nearest")).permute(0, 2, 3, 1)
+
+    return TinyPipeline(model)
+
+
 def ksample(model, positive, negative, latent, seed=0, steps=3, cfg=5.0, sampler="euler", scheduler="normal"):
     """The stock KSampler node, run as ComfyUI's executor runs it (validated inputs, inference mode)."""
     import nodes as comfy_nodes

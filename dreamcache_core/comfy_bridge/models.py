@@ -6,7 +6,8 @@
 * ``model_from_unet_config``: a U-Net built from a ComfyUI unet config (training from a config, the toy
   benchmark), SD1.5 latent format, epsilon or v prediction, weights from a .safetensors of its tensors.
 * ``random_model``: an SD1.5- or SDXL-family model of any unet config with seeded random weights
-  (``initialise_seeded``): the benchmark's shapes and the tests' tiny models.
+  (``initialise_seeded``): the benchmarks' shapes and the tests' tiny models; ``meta_unet`` the same U-Net on
+  the meta device (FLOP counts of shapes too large to build).
 * ``adapter_model_patcher``: the adapter as a ModelPatcher for ComfyUI's memory manager.
 """
 from __future__ import annotations
@@ -145,21 +146,29 @@ def initialise_seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module
     return module
 
 
+def _family_config(family: str, unet_config: dict, dtype):
+    import comfy.supported_models
+
+    families = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}
+    if family not in families:
+        raise ValueError(f"Unknown model family {family!r}; use one of {sorted(families)}.")
+    model_config = families[family](dict(unet_config, dtype=dtype))
+    model_config.set_inference_dtype(dtype, None)
+    return model_config
+
+
+def meta_unet(family: str, unet_config: dict):
+    """``family``'s U-Net of ``unet_config`` on the meta device: shapes only, no memory (FLOP counting)."""
+    return _family_config(family, unet_config, torch.float32).get_model({}, device=torch.device("meta")).diffusion_model
+
+
 def random_model(family: str, unet_config: dict, seed: int = 0, dtype=torch.float32, device=None):
     """A ModelPatcher around an SD1.5- ("sd15") or SDXL-family ("sdxl") U-Net built from ``unet_config`` with
     seeded random weights (``initialise_seeded``), loaded and kept on ``device`` (default the CPU)."""
     import comfy.model_patcher
-    import comfy.supported_models
 
     device = torch.device(device or "cpu")
-    config = dict(unet_config)
-    config["dtype"] = dtype
-    families = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}
-    if family not in families:
-        raise ValueError(f"Unknown model family {family!r}; use one of {sorted(families)}.")
-    model_config = families[family](config)
-    model_config.set_inference_dtype(dtype, None)
-    model = model_config.get_model({}, device=device)
+    model = _family_config(family, unet_config, dtype).get_model({}, device=device)
     initialise_seeded(model.diffusion_model, seed)
     model.diffusion_model.to(device=device, dtype=dtype)
     model.eval()
