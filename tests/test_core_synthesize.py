@@ -322,3 +322,24 @@ def test_index_command_and_command_line_errors(tmp_path):
     with pytest.raises(ValueError, match="--detector needs --segmenter"):
         syn.run_synthesis(["--captions", captions, "--out", str(tmp_path / "x"), "--detector",
                            str(tmp_path / "sam_folder")])
+
+
+def _synthesize_as_rank(captions, out, rank, world):
+    """One rank of a multi-process synthesis (a spawned process's entry point)."""
+    summary, _ = run(captions, out, batch=3, rank=rank, world=world)
+    return summary.shards_finished
+
+
+def test_two_concurrent_processes_write_disjoint_shards_whose_union_is_the_one_process_result(tmp_path):
+    """Rank 0 and rank 1 of world 2 in two processes at the same time, into one folder (as torchrun starts them):
+    disjoint shards, one index, and the union equals the one-process result byte for byte."""
+    import multiprocessing
+
+    captions = write_captions_file(tmp_path / "captions.tsv", 11)
+    run(captions, tmp_path / "one", batch=3)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(2) as pool:
+        finished = pool.starmap(_synthesize_as_rank, [(captions, str(tmp_path / "two"), rank, 2) for rank in (0, 1)])
+    assert finished == [["shard-00000", "shard-00002"], ["shard-00001"]]
+    assert folder_files(tmp_path / "two") == folder_files(tmp_path / "one")
+    assert not [name for name in os.listdir(tmp_path / "two") if name.endswith(".tmp")]
