@@ -2,7 +2,7 @@
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..dreamcache_core.adapter_io import load_adapter
+from ..dreamcache_core.io.adapter_io import load_adapter
 from .io_types import CATEGORY_LOADERS, Adapter
 from .model_folders import ADAPTER_FOLDER
 

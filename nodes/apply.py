@@ -1,10 +1,10 @@
 """Apply DreamCache: patch a clone of MODEL with the adapters and a cache."""
 from comfy_api.v0_0_2 import io
 
-from ..dreamcache_core.cache import parse_reference_weights
-from ..dreamcache_core.controls import layer_weight_entries
-from ..dreamcache_core.injection import build_injection as core_build_injection
-from ..dreamcache_core.patch import POSITIVE_CHUNK, attach_injection
+from ..dreamcache_core.method.cache import parse_reference_weights
+from ..dreamcache_core.method.controls import layer_weight_entries
+from ..dreamcache_core.method.injection import build_injection as core_build_injection
+from ..dreamcache_core.method.patch import POSITIVE_CHUNK, attach_injection
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache
 from .widget_checks import text_problem, validation_result, widget_problems
 

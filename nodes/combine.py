@@ -1,8 +1,8 @@
 """Combine DreamCache: the references of two caches as one cache (the union of their memory tokens)."""
 from comfy_api.v0_0_2 import io
 
-from ..dreamcache_core.cache import combine_caches, reference_weight_values
-from ..dreamcache_core.input_checks import check_number
+from ..dreamcache_core.method.cache import combine_caches, reference_weight_values
+from ..dreamcache_core.method.input_checks import check_number
 from .io_types import CATEGORY_CACHE, Cache
 from .widget_checks import text_problem, validation_result, widget_problems
 

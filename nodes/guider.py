@@ -2,7 +2,7 @@
 from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.comfy_bridge import combined_guider
-from ..dreamcache_core.guidance import REFERENCE_CHUNKS
+from ..dreamcache_core.method.guidance import REFERENCE_CHUNKS
 from .apply import build_injection, control_text_problems, optional_control_inputs
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache
 from .widget_checks import validation_result, widget_problems

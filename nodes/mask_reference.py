@@ -11,7 +11,7 @@ import logging
 import comfy.model_management
 from comfy_api.v0_0_2 import io
 
-from ..dreamcache_core.reference_mask import (
+from ..dreamcache_core.masking.reference_mask import (
     DEFAULT_MARGIN,
     as_mask_batch,
     cut_subjects_on_white,
@@ -19,7 +19,7 @@ from ..dreamcache_core.reference_mask import (
     image_to_rgb,
     mask_is_empty,
 )
-from ..dreamcache_core.input_checks import check_finite_tensor
+from ..dreamcache_core.method.input_checks import check_finite_tensor
 from .io_types import CATEGORY_REFERENCE, SamModel
 from .sam_loader import as_sam_model
 

@@ -19,7 +19,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..dreamcache_core.sam_segmenter import build_sam_from_state_dict, detect_sam_variant, load_sam_checkpoint, segment_subject
+from ..dreamcache_core.masking.sam_segmenter import build_sam_from_state_dict, detect_sam_variant, load_sam_checkpoint, segment_subject
 from .io_types import CATEGORY_LOADERS, SamModel
 from .model_folders import SAM_FILE_EXTENSIONS, SAM_FOLDER
 

@@ -5,7 +5,7 @@ are widget values (a linked input is not passed: its value does not exist yet, s
 runs). For every input a ``validate_inputs`` names, ComfyUI skips its own min/max check, so ``widget_problems``
 does it here, together with the finiteness check ComfyUI never does (NaN passes ``min <= value <= max``).
 """
-from ..dreamcache_core.input_checks import number_problem
+from ..dreamcache_core.method.input_checks import number_problem
 
 
 def widget_problems(node_class, values: dict) -> list:

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from comfyui_dreamcache.dreamcache_core.layers import MemoryLayerSpec
+from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
 
 TINY_SPECS = [
     MemoryLayerSpec("middle_block.1", ("middle", 0), 48, 48, 4, 12),

@@ -36,7 +36,7 @@ def model_cache_folder() -> Path:
 
 
 def unet_config(family: str) -> dict:
-    from comfyui_dreamcache.dreamcache_core.benchmark import SD15_UNET, SDXL_UNET
+    from comfyui_dreamcache.dreamcache_core.evaluation.benchmark import SD15_UNET, SDXL_UNET
 
     return dict({"sd15": SD15_UNET, "sdxl": SDXL_UNET}[family])
 
@@ -118,9 +118,9 @@ def write_random_checkpoint(family: str, seed: int = 0) -> Path:
 
 def write_random_adapter(family: str, seed: int = 0) -> Path:
     """A randomised DreamCache adapter for the memory layers of ``family``'s real U-Net."""
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.adapter_io import save_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+    from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import save_adapter
+    from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers, model_signature
 
     path = model_cache_folder() / f"random-dreamcache-{family}-{FORMAT_TAG}-seed{seed}.safetensors"
     if not path.is_file():

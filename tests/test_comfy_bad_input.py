@@ -137,7 +137,7 @@ def test_validate_inputs_called_as_comfyui_calls_it(env):
 def test_non_finite_values_arriving_through_links_fail_when_the_node_runs(env):
     """A linked value skips validate_inputs; the node's own code refuses it before any sampling."""
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import combined_guider
-    from comfyui_dreamcache.dreamcache_core.guidance import REFERENCE_CHUNKS
+    from comfyui_dreamcache.dreamcache_core.method.guidance import REFERENCE_CHUNKS
 
     build = env["build_injection"]
     for name in ("strength", "start_percent", "end_percent", "middle_weight", "decoder_weight"):

@@ -330,7 +330,7 @@ def sdxl():
 
 
 def test_sdxl_layer_rule_cache_and_identity(sdxl):
-    from comfyui_dreamcache.dreamcache_core.layers import iter_spatial_transformers
+    from comfyui_dreamcache.dreamcache_core.method.layers import iter_spatial_transformers
     unet, specs, cache = sdxl["unet"], sdxl["specs"], sdxl["cache"]
     sites = list(iter_spatial_transformers(unet))
     assert all(site.block != ("input", 1) and site.block != ("input", 2) for site in sites), "attention at full res"

@@ -22,10 +22,10 @@ SIDE = 64  # pixels: an 8x8 latent
 def setup(tmp_path_factory):
     from conftest import import_comfy
     import_comfy()
-    from comfyui_dreamcache.dreamcache_core import generate
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.adapter_io import save_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+    from comfyui_dreamcache.dreamcache_core.evaluation import generate
+    from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import save_adapter
+    from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers, model_signature
 
     model = tiny_sd15_model(seed=0)
     unet = model.model.diffusion_model
@@ -75,7 +75,7 @@ def test_settings_file_holds_every_setting_and_replays_identically(setup, tmp_pa
                                                                                                  "blurry", "")
     assert saved["seeds"] == [5, 6]
     assert saved["files"]["adapter"]["sha256"] == generate.file_sha256(setup["adapter_path"])
-    assert saved["command"] == "python -m dreamcache_core.generate " + shlex.join(argv)
+    assert saved["command"] == "python -m dreamcache_core.evaluation.generate " + shlex.join(argv)
     ref = saved["references"][0]
     assert ref["mask_source"] == "mask file" and ref["reference_image"]["bytes"] > 0
     assert (out / ref["cache_file"]).is_file() and (out / ref["prepared_reference"]).is_file()
@@ -102,7 +102,7 @@ def test_settings_file_holds_every_setting_and_replays_identically(setup, tmp_pa
 
 
 def test_generation_from_a_saved_cache_is_the_stock_ksampler_path(setup, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.cache import save_cache
+    from comfyui_dreamcache.dreamcache_core.method.cache import save_cache
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import encode_reference
     from comfyui_dreamcache.nodes.apply import DreamCacheApply
 
@@ -191,7 +191,7 @@ def test_dreambench_protocol_on_one_subject(setup, tmp_path):
     prepared = read_png(out / "dog2" / "reference.png")
     assert prepared.shape == (SIDE, SIDE, 3) and int(prepared[0, 0].min()) == 255  # subject on white
     # the evaluator reads this folder (subjects, prompts, real images) from settings.json
-    from comfyui_dreamcache.dreamcache_core.evaluate import read_generations
+    from comfyui_dreamcache.dreamcache_core.evaluation.evaluate import read_generations
 
     read = read_generations(str(out))
     assert [i["prompt"] for i in read["images"]][:2] == ["a dog in the jungle"] * 2
@@ -199,7 +199,7 @@ def test_dreambench_protocol_on_one_subject(setup, tmp_path):
 
 
 def test_memory_kv_reuse_gives_identical_outputs_and_projects_once(setup, monkeypatch):
-    from comfyui_dreamcache.dreamcache_core.adapter import MemoryAdapterLayer
+    from comfyui_dreamcache.dreamcache_core.method.adapter import MemoryAdapterLayer
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import encode_reference
 
     generate, model = setup["generate"], setup["model"]
@@ -218,7 +218,7 @@ def test_memory_kv_reuse_gives_identical_outputs_and_projects_once(setup, monkey
 
     monkeypatch.setattr(MemoryAdapterLayer, "project_memory", counting_project)
     monkeypatch.setattr(MemoryAdapterLayer, "forward", recording_forward)
-    from comfyui_dreamcache.dreamcache_core.patch import attach_injection
+    from comfyui_dreamcache.dreamcache_core.method.patch import attach_injection
 
     outputs = {}
     for reuse in (True, False):
@@ -236,7 +236,7 @@ def test_memory_kv_reuse_gives_identical_outputs_and_projects_once(setup, monkey
 
 
 def test_benchmark_runs_on_a_tiny_shape_and_reports_sane_numbers(setup, tmp_path, capsys):
-    from comfyui_dreamcache.dreamcache_core import benchmark
+    from comfyui_dreamcache.dreamcache_core.evaluation import benchmark
 
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     results = benchmark.main(["--shape", "tiny", "--steps", "2", "--repeats", "2", "--device", "cpu",
@@ -273,7 +273,7 @@ def test_benchmark_runs_on_a_tiny_shape_and_reports_sane_numbers(setup, tmp_path
     assert r["encode_flops"] == r["plain_pass_flops"] > 0
     assert r["peak_memory_bytes"]["unpatched"]["median"] >= 0
     table = out_md.read_text()
-    assert "| shape |" in table and "| tiny (128px, float32) |" in table and "python -m dreamcache_core.benchmark" in table
+    assert "| shape |" in table and "| tiny (128px, float32) |" in table and "python -m dreamcache_core.evaluation.benchmark" in table
     assert table.strip() in capsys.readouterr().out
     # alternating order: each configuration goes first in half the pairs
     assert benchmark.ab_order(3) == ["A", "B", "B", "A", "A", "B"]

@@ -14,9 +14,9 @@ def env(tmp_path_factory):
     import_comfy()
     import folder_paths
     from comfyui_dreamcache import nodes as pack_nodes
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.adapter_io import save_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+    from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import save_adapter
+    from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers, model_signature
 
     root = tmp_path_factory.mktemp("comfy_files")
     adapters = root / "dreamcache"
@@ -36,8 +36,8 @@ def env(tmp_path_factory):
 
 
 def check_types(node_class, outputs):
-    from comfyui_dreamcache.dreamcache_core.adapter import DreamCacheAdapter
-    from comfyui_dreamcache.dreamcache_core.cache import DreamCache
+    from comfyui_dreamcache.dreamcache_core.method.adapter import DreamCacheAdapter
+    from comfyui_dreamcache.dreamcache_core.method.cache import DreamCache
     import comfy.model_patcher
     expected = {"DREAMCACHE_ADAPTER": DreamCacheAdapter, "DREAMCACHE": DreamCache,
                 "MODEL": comfy.model_patcher.ModelPatcher, "IMAGE": torch.Tensor, "MASK": torch.Tensor}
@@ -106,7 +106,7 @@ def test_nodes_of_one_prompt_sample_and_their_outputs_train_afterwards(env):
     """Loader -> Encode -> Apply -> KSampler as one prompt runs them (each node inside inference mode), twice;
     then the loaded adapter and the encoded cache are trained from outside inference mode, and the next prompt
     sees the trained weights (the memoised memory keys/values follow the parameters)."""
-    from comfyui_dreamcache.dreamcache_core.training_loss import LossRow, denoising_losses
+    from comfyui_dreamcache.dreamcache_core.training.training_loss import LossRow, denoising_losses
     from tiny_models import ksample
 
     nodes, model = env["nodes"], env["model"]

@@ -144,7 +144,7 @@ def test_positive_only_leaves_the_negative_chunk_unchanged(setup):
 
 
 def test_kv_reuse_is_identical_to_recomputing(setup):
-    from comfyui_dreamcache.dreamcache_core.patch import DreamCacheInjection, attach_injection
+    from comfyui_dreamcache.dreamcache_core.method.patch import DreamCacheInjection, attach_injection
     outputs = []
     for reuse in (True, False):
         injection = DreamCacheInjection(setup["trained"], setup["cache"], reuse_memory_kv=reuse)
@@ -154,8 +154,8 @@ def test_kv_reuse_is_identical_to_recomputing(setup):
 
 def test_mismatched_adapter_cache_and_latent_fail_with_advice(setup):
     from comfyui_dreamcache.nodes.apply import DreamCacheApply
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+    from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers, model_signature
     from comfyui_dreamcache.nodes.encode import DreamCacheEncode
     from tiny_models import TINY_SD15
     other = tiny_sd15_model(seed=1, config=dict(TINY_SD15, model_channels=64, num_heads=4))
@@ -186,7 +186,7 @@ def test_encode_with_mask_keeps_subject_tokens_only(setup):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_encode_and_sample(setup, dtype):
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
     from comfyui_dreamcache.nodes.apply import DreamCacheApply
     from comfyui_dreamcache.nodes.encode import DreamCacheEncode
     model = tiny_sd15_model(seed=0, dtype=dtype)
@@ -202,7 +202,7 @@ def test_half_precision_models_encode_and_sample(setup, dtype):
 
 
 def test_comfy_attention_matches_plain_attention(setup):
-    from comfyui_dreamcache.dreamcache_core.adapter import multihead_attention
+    from comfyui_dreamcache.dreamcache_core.method.adapter import multihead_attention
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import comfy_memory_attention
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(3, 10, 32, generator=generator)

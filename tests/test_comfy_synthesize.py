@@ -51,9 +51,9 @@ def read_rgb(path):
 def test_targets_are_generates_images_and_batches_render_row_by_row(setup, tmp_path):
     """A target is pixel for pixel what `generate --guidance off` makes of its caption and seed; a batch of
     captions renders each as it would alone."""
-    from comfyui_dreamcache.dreamcache_core import generate
-    from comfyui_dreamcache.dreamcache_core.subject_filters import Detection
-    from comfyui_dreamcache.dreamcache_core.synthesize import PipelineRenderer, run_synthesis
+    from comfyui_dreamcache.dreamcache_core.evaluation import generate
+    from comfyui_dreamcache.dreamcache_core.masking.subject_filters import Detection
+    from comfyui_dreamcache.dreamcache_core.training.synthesize import PipelineRenderer, run_synthesis
 
     def whole_centre(image, noun):
         mask = torch.zeros(image.shape[:2])
@@ -81,12 +81,12 @@ def test_targets_are_generates_images_and_batches_render_row_by_row(setup, tmp_p
 
 
 def test_grounded_sam_synthesis_trains_an_adapter_end_to_end(setup, tmp_path):
-    from comfyui_dreamcache.dreamcache_core import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter
-    from comfyui_dreamcache.dreamcache_core.synthesize import PROGRESS_FILE, run_synthesis
-    from comfyui_dreamcache.dreamcache_core.text_segmenter import GroundedSam
-    from comfyui_dreamcache.dreamcache_core.train import main as train
-    from comfyui_dreamcache.dreamcache_core.training_data import load_image
+    from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import load_adapter
+    from comfyui_dreamcache.dreamcache_core.training.synthesize import PROGRESS_FILE, run_synthesis
+    from comfyui_dreamcache.dreamcache_core.masking.text_segmenter import GroundedSam
+    from comfyui_dreamcache.dreamcache_core.training.train import main as train
+    from comfyui_dreamcache.dreamcache_core.training.training_data import load_image
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import (initialise_seeded, model_from_unet_config,
                                                                        save_unet_weights)
 

@@ -18,7 +18,7 @@ TOY_CONTEXT = 32
 
 
 def _config(tmp, **overrides):
-    from comfyui_dreamcache.dreamcache_core.training_loop import TrainConfig
+    from comfyui_dreamcache.dreamcache_core.training.training_loop import TrainConfig
 
     values = dict(output_dir=str(tmp), steps=4, batch_size=2, lr=1e-3, save_every=2, progress=False, seed=3,
                   caption_dropout=0.0, reference_dropout=0.0, use_masks=False)
@@ -30,8 +30,8 @@ def _config(tmp, **overrides):
 def world(tmp_path_factory):
     from conftest import import_comfy
     import_comfy()
-    from comfyui_dreamcache.dreamcache_core import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.training_data import generator_for, read_manifest, save_image, write_manifest
+    from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
+    from comfyui_dreamcache.dreamcache_core.training.training_data import generator_for, read_manifest, save_image, write_manifest
 
     root = tmp_path_factory.mktemp("toy_manifest")
     train, _ = tw.split_subjects()
@@ -53,7 +53,7 @@ def world(tmp_path_factory):
 
 
 def make_model(prediction="eps", seed=0):
-    from comfyui_dreamcache.dreamcache_core import toy_world as tw
+    from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import initialise_seeded, model_from_unet_config
 
     return model_from_unet_config(tw.toy_unet_config(context_dim=TOY_CONTEXT), prediction, device="cpu",
@@ -61,17 +61,17 @@ def make_model(prediction="eps", seed=0):
 
 
 def make_source(world, use_masks=False):
-    from comfyui_dreamcache.dreamcache_core import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.training_sources import ManifestSource
+    from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
+    from comfyui_dreamcache.dreamcache_core.training.training_sources import ManifestSource
 
     return ManifestSource(world["manifest"], tw.ToyImageEncoder(), tw.ToyTextEncoder(TOY_CONTEXT), 32,
                           use_masks=use_masks)
 
 
 def make_trainer(model, source, config, adapter_seed=0):
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
-    from comfyui_dreamcache.dreamcache_core.training_loop import AdapterTrainer
+    from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers, model_signature
+    from comfyui_dreamcache.dreamcache_core.training.training_loop import AdapterTrainer
 
     unet = model.model.diffusion_model
     adapter = build_adapter(discover_memory_layers(unet), model_signature(unet), seed=adapter_seed)
@@ -79,7 +79,7 @@ def make_trainer(model, source, config, adapter_seed=0):
 
 
 def fixed_draws(count=N_SAMPLES, timestep=600):
-    from comfyui_dreamcache.dreamcache_core.training_data import SampleDraw
+    from comfyui_dreamcache.dreamcache_core.training.training_data import SampleDraw
 
     return [SampleDraw(i, i % N_SAMPLES, timestep, False, False, 1000 + i) for i in range(count)]
 
@@ -90,7 +90,7 @@ def fixed_draws(count=N_SAMPLES, timestep=600):
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_target_and_residual_are_in_the_models_output_space(comfy, prediction):
-    from comfyui_dreamcache.dreamcache_core.training_loss import (conditioning_of, model_output_target,
+    from comfyui_dreamcache.dreamcache_core.training.training_loss import (conditioning_of, model_output_target,
                                                                    predict_residual)
 
     model = make_model(prediction)
@@ -158,7 +158,7 @@ def test_loss_goes_down_and_base_model_is_bit_identical(world, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training_loop import latest_checkpoint
+    from comfyui_dreamcache.dreamcache_core.training.training_loop import latest_checkpoint
 
     source = make_source(world)
     overrides = dict(steps=4, save_every=2, caption_dropout=0.3, reference_dropout=0.3)
@@ -178,8 +178,8 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
 
 
 def test_precomputed_and_on_the_fly_data_give_the_same_loss(world, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training_data import PrecomputedStore
-    from comfyui_dreamcache.dreamcache_core.training_sources import StoreSource, precompute
+    from comfyui_dreamcache.dreamcache_core.training.training_data import PrecomputedStore
+    from comfyui_dreamcache.dreamcache_core.training.training_sources import StoreSource, precompute
 
     model = make_model()
     on_the_fly = make_source(world, use_masks=True)
@@ -203,7 +203,7 @@ def test_precomputed_and_on_the_fly_data_give_the_same_loss(world, tmp_path):
 
 
 def test_batched_rows_match_rows_one_by_one(world, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training_loss import denoising_losses
+    from comfyui_dreamcache.dreamcache_core.training.training_loss import denoising_losses
 
     model = make_model()
     trainer = make_trainer(model, make_source(world), _config(tmp_path))
@@ -221,7 +221,7 @@ def test_batched_rows_match_rows_one_by_one(world, tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training_loss import gradient_checkpointing
+    from comfyui_dreamcache.dreamcache_core.training.training_loss import gradient_checkpointing
 
     model = make_model()
     trainer = make_trainer(model, make_source(world), _config(tmp_path))
@@ -240,7 +240,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world, tmp_pat
 
 
 def test_dropout_uses_the_empty_caption_and_the_null_reference(world, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training_data import SampleDraw
+    from comfyui_dreamcache.dreamcache_core.training.training_data import SampleDraw
 
     model = make_model()
     source = make_source(world)
@@ -257,8 +257,8 @@ def test_dropout_uses_the_empty_caption_and_the_null_reference(world, tmp_path):
 
 
 def test_saved_adapter_loads_in_apply_and_changes_the_output(world, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter
-    from comfyui_dreamcache.dreamcache_core.training_sources import reference_cache
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import load_adapter
+    from comfyui_dreamcache.dreamcache_core.training.training_sources import reference_cache
     from comfyui_dreamcache.nodes.apply import DreamCacheApply
 
     model = make_model()
@@ -283,9 +283,9 @@ def test_saved_adapter_loads_in_apply_and_changes_the_output(world, tmp_path):
 def test_command_line_trains_resumes_and_precomputes(world, tmp_path):
     import json
 
-    from comfyui_dreamcache.dreamcache_core import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter
-    from comfyui_dreamcache.dreamcache_core.train import main
+    from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import load_adapter
+    from comfyui_dreamcache.dreamcache_core.training.train import main
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import save_unet_weights
 
     model = make_model()
@@ -315,7 +315,7 @@ def test_command_line_trains_resumes_and_precomputes(world, tmp_path):
 
 def test_toy_benchmark_runs_end_to_end_and_reuses_its_base(tmp_path, comfy):
     """The acceptance benchmark, shrunk: data, base pretraining, the real train CLI per seed, the table."""
-    from comfyui_dreamcache.dreamcache_core import toy_benchmark
+    from comfyui_dreamcache.dreamcache_core.toy import toy_benchmark
 
     out = tmp_path / "toy"
     argv = ["--out", str(out), "--seeds", "0", "1", "--train-samples", "48", "--eval-samples", "12",
@@ -349,9 +349,9 @@ def test_torchrun_two_processes_train_exactly_like_one_with_the_whole_batch(worl
     import sys
 
     from conftest import PACK_ROOT
-    from comfyui_dreamcache.dreamcache_core import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter
-    from comfyui_dreamcache.dreamcache_core.train import main
+    from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import load_adapter
+    from comfyui_dreamcache.dreamcache_core.training.train import main
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import save_unet_weights
 
     weights, config = tmp_path / "unet.safetensors", tmp_path / "unet.json"
@@ -367,7 +367,7 @@ def test_torchrun_two_processes_train_exactly_like_one_with_the_whole_batch(worl
     assert main(run + ["--output-dir", str(tmp_path / "one"), "--batch-size", "2"]) == 0
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "dreamcache_core.train", *run, "--output-dir", str(tmp_path / "two"), "--batch-size", "1"],
+         "-m", "dreamcache_core.training.train", *run, "--output-dir", str(tmp_path / "two"), "--batch-size", "1"],
         cwd=str(PACK_ROOT), capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]

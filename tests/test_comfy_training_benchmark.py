@@ -9,7 +9,7 @@ pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
 
 
 def test_training_benchmark_times_every_configuration_and_writes_its_table(comfy, tmp_path):
-    from comfyui_dreamcache.dreamcache_core import training_benchmark
+    from comfyui_dreamcache.dreamcache_core.evaluation import training_benchmark
 
     argv = ["--shape", "tiny", "--device", "cpu", "--precision", "fp32", "--checkpointing",
             "both", "--batch", "1", "--repeats", "2", "--warmup", "0", "--json", str(tmp_path / "t.json"),

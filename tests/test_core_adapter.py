@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from comfyui_dreamcache.dreamcache_core.adapter import DreamCacheAdapter, build_adapter, check_adapter_fits
+from comfyui_dreamcache.dreamcache_core.method.adapter import DreamCacheAdapter, build_adapter, check_adapter_fits
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_norm1, random_tensor, sd15_specs
 
 
@@ -109,7 +109,7 @@ class FakeSpecsModel:
 
 
 def test_adapter_check_rejects_other_heads(monkeypatch):
-    from comfyui_dreamcache.dreamcache_core import layers
+    from comfyui_dreamcache.dreamcache_core.method import layers
 
     adapter = build_adapter(TINY_SPECS, TINY_SIGNATURE)
     other = [layers.MemoryLayerSpec(s.key, s.block, s.channels, s.dim, s.heads * 2, s.dim_head // 2) for s in TINY_SPECS]

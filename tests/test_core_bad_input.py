@@ -11,15 +11,15 @@ import textwrap
 import pytest
 import torch
 
-from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-from comfyui_dreamcache.dreamcache_core.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, AdapterFileError,
+from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+from comfyui_dreamcache.dreamcache_core.io.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, AdapterFileError,
                                                            adapter_from_authors_state_dict, adapter_state_dict,
                                                            load_adapter, save_adapter)
-from comfyui_dreamcache.dreamcache_core.cache import (CacheFileError, DreamCache, combine_caches, load_cache,
+from comfyui_dreamcache.dreamcache_core.method.cache import (CacheFileError, DreamCache, combine_caches, load_cache,
                                                       parse_reference_weights, save_cache)
-from comfyui_dreamcache.dreamcache_core.controls import layer_strengths, prepare_region_mask
-from comfyui_dreamcache.dreamcache_core.input_checks import LAYER_WEIGHT_LIMIT, check_number
-from comfyui_dreamcache.dreamcache_core.layers import MemoryLayerSpec
+from comfyui_dreamcache.dreamcache_core.method.controls import layer_strengths, prepare_region_mask
+from comfyui_dreamcache.dreamcache_core.method.input_checks import LAYER_WEIGHT_LIMIT, check_number
+from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_tensor
 from test_core_files import authors_checkpoint, tiny_cache
 
@@ -130,7 +130,7 @@ PEAK_PROBE = textwrap.dedent("""
     import resource, sys
     sys.path[:0] = [{tests!r}, {parent!r}]
     import conftest
-    from comfyui_dreamcache.dreamcache_core.adapter_io import AdapterFileError, load_adapter
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import AdapterFileError, load_adapter
     import test_core_bad_input as here
     getattr(here, {make!r})({path!r}, {width})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -267,7 +267,7 @@ def test_a_cache_whose_token_mask_does_not_fit_its_features_fails_when_built():
 # ---------------------------------------------------------------- the dataset builder's command line
 
 def test_dataset_cli_reports_a_missing_folder_in_one_line_with_exit_code_2(tmp_path, capsys):
-    from comfyui_dreamcache.dreamcache_core.dataset import main
+    from comfyui_dreamcache.dreamcache_core.training.dataset import main
 
     assert main(["--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -275,7 +275,7 @@ def test_dataset_cli_reports_a_missing_folder_in_one_line_with_exit_code_2(tmp_p
     assert "error: --images" in err and "nowhere is not a folder" in err and "Give the folder" in err
     assert main(["--validate", str(tmp_path / "none.jsonl")]) == 2
     assert "Manifest not found" in capsys.readouterr().err
-    shell = subprocess.run([sys.executable, "-m", "dreamcache_core.dataset", "--images", str(tmp_path / "nowhere"),
+    shell = subprocess.run([sys.executable, "-m", "dreamcache_core.training.dataset", "--images", str(tmp_path / "nowhere"),
                             "--out", str(tmp_path / "out")], cwd=os.path.dirname(TESTS), capture_output=True,
                            text=True, timeout=240)
     assert shell.returncode == 2 and "Traceback" not in shell.stderr and "is not a folder" in shell.stderr
@@ -284,8 +284,8 @@ def test_dataset_cli_reports_a_missing_folder_in_one_line_with_exit_code_2(tmp_p
 # ---------------------------------------------------------------- manifests whose paths leave their folder
 
 def test_validate_warns_about_relative_paths_leaving_the_dataset_folder_and_keeps_absolute_ones(tmp_path, capsys):
-    from comfyui_dreamcache.dreamcache_core.dataset import main
-    from comfyui_dreamcache.dreamcache_core.training_data import read_manifest, save_image
+    from comfyui_dreamcache.dreamcache_core.training.dataset import main
+    from comfyui_dreamcache.dreamcache_core.training.training_data import read_manifest, save_image
 
     image = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0))
     outside, data = tmp_path / "elsewhere", tmp_path / "data"

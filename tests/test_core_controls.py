@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from comfyui_dreamcache.dreamcache_core.adapter import build_adapter, multihead_attention
-from comfyui_dreamcache.dreamcache_core.cache import (DreamCache, check_reference_weights, combine_caches, load_cache,
+from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter, multihead_attention
+from comfyui_dreamcache.dreamcache_core.method.cache import (DreamCache, check_reference_weights, combine_caches, load_cache,
                                                       parse_reference_weights, save_cache, token_masks_from_mask)
-from comfyui_dreamcache.dreamcache_core.controls import (layer_strengths, parse_layer_weights, prepare_region_mask,
+from comfyui_dreamcache.dreamcache_core.method.controls import (layer_strengths, parse_layer_weights, prepare_region_mask,
                                                          region_token_weights, token_grid)
-from comfyui_dreamcache.dreamcache_core.guidance import combined_guidance, joint_guidance, needed_predictions
-from comfyui_dreamcache.dreamcache_core.patch import DreamCacheInjection
+from comfyui_dreamcache.dreamcache_core.method.guidance import combined_guidance, joint_guidance, needed_predictions
+from comfyui_dreamcache.dreamcache_core.method.patch import DreamCacheInjection
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_tensor
 
 SPEC = TINY_SPECS[1]  # ("output", 4), width 48, 4 heads

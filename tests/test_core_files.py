@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-from comfyui_dreamcache.dreamcache_core.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, TENSOR_NAMES, AdapterFileError,
+from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+from comfyui_dreamcache.dreamcache_core.io.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, TENSOR_NAMES, AdapterFileError,
                                                            adapter_from_authors_state_dict, adapter_state_dict,
                                                            authors_specs_from_state_dict, authors_state_dict,
                                                            load_adapter, save_adapter)
-from comfyui_dreamcache.dreamcache_core.cache import (CacheFileError, DreamCache, load_cache, save_cache,
+from comfyui_dreamcache.dreamcache_core.method.cache import (CacheFileError, DreamCache, load_cache, save_cache,
                                                       token_masks_from_mask)
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_norm1, random_tensor
 
@@ -61,7 +61,7 @@ class FakeBase(torch.nn.Module):
 
 @pytest.fixture
 def fake_base(monkeypatch):
-    from comfyui_dreamcache.dreamcache_core import layers
+    from comfyui_dreamcache.dreamcache_core.method import layers
     base = FakeBase()
     monkeypatch.setattr(layers, "discover_memory_layers", lambda model: list(TINY_SPECS))
     monkeypatch.setattr(layers, "memory_norm1", lambda model: model.norms)
@@ -201,8 +201,8 @@ def test_token_masks_keep_a_small_subject_and_reject_an_empty_mask():
 
 
 def test_cache_check_rejects_another_model():
-    from comfyui_dreamcache.dreamcache_core.cache import check_cache_fits
-    from comfyui_dreamcache.dreamcache_core.layers import MemoryLayerSpec
+    from comfyui_dreamcache.dreamcache_core.method.cache import check_cache_fits
+    from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
     cache = tiny_cache()
     check_cache_fits(cache, TINY_SPECS, TINY_SIGNATURE)
     wider = [MemoryLayerSpec(s.key, s.block, s.channels * 2, s.dim * 2, s.heads, s.dim_head * 2) for s in TINY_SPECS]
@@ -216,8 +216,8 @@ def test_cache_check_rejects_another_model():
 
 def test_convert_authors_cli_reads_the_base_checkpoint_and_folds(tmp_path):
     from safetensors.torch import save_file
-    from comfyui_dreamcache.dreamcache_core.convert_authors import main
-    from comfyui_dreamcache.dreamcache_core.layers import MemoryLayerSpec
+    from comfyui_dreamcache.dreamcache_core.io.convert_authors import main
+    from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
     sd2_specs = [MemoryLayerSpec("middle_block.1", ("middle", 0), 128, 128, 2, 64),
                  MemoryLayerSpec("output_blocks.4.1", ("output", 4), 128, 128, 2, 64),
                  MemoryLayerSpec("output_blocks.6.1", ("output", 6), 64, 64, 1, 64)]

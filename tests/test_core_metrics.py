@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
-from comfyui_dreamcache.dreamcache_core import evaluate, metrics
+from comfyui_dreamcache.dreamcache_core.evaluation import evaluate
+
+from comfyui_dreamcache.dreamcache_core.evaluation import metrics
 from comfyui_dreamcache.dreamcache_core.data import (
     dreambench_prompts,
     dreambench_subject,

@@ -3,9 +3,9 @@ import math
 
 import torch
 
-from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-from comfyui_dreamcache.dreamcache_core.cache import DreamCache
-from comfyui_dreamcache.dreamcache_core.patch import DreamCacheInjection
+from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+from comfyui_dreamcache.dreamcache_core.method.cache import DreamCache
+from comfyui_dreamcache.dreamcache_core.method.patch import DreamCacheInjection
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_tensor
 
 SPEC = TINY_SPECS[1]  # ("output", 4)
@@ -156,7 +156,7 @@ def test_two_injections_stack_without_sharing_state():
 def test_memory_kv_memo_under_inference_mode_no_grad_and_training(tmp_path):
     """ComfyUI runs prompts in inference mode: an adapter loaded and a cache encoded there, the memo of the memory
     K/V filled there, then the same objects used with no_grad and with gradients (training from them)."""
-    from comfyui_dreamcache.dreamcache_core.adapter_io import load_adapter, save_adapter
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import load_adapter, save_adapter
 
     path = str(tmp_path / "adapter.safetensors")
     save_adapter(build_adapter(TINY_SPECS, TINY_SIGNATURE).randomize_(seed=3), path)

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import PACK_ROOT
-from comfyui_dreamcache.dreamcache_core import subject_filters as sf
-from comfyui_dreamcache.dreamcache_core import synthesize as syn
-from comfyui_dreamcache.dreamcache_core import synthetic_captions as sc
-from comfyui_dreamcache.dreamcache_core.sharded_manifest import ShardedManifest, is_sharded
-from comfyui_dreamcache.dreamcache_core.training_data import read_manifest
+from comfyui_dreamcache.dreamcache_core.masking import subject_filters as sf
+from comfyui_dreamcache.dreamcache_core.training import synthesize as syn
+from comfyui_dreamcache.dreamcache_core.training import synthetic_captions as sc
+from comfyui_dreamcache.dreamcache_core.training.sharded_manifest import ShardedManifest, is_sharded
+from comfyui_dreamcache.dreamcache_core.training.training_data import read_manifest
 
 SIDE = 32
 
@@ -277,8 +277,8 @@ def test_sharded_manifest_reads_rows_lazily_in_shard_order(tmp_path):
     with pytest.raises(IndexError):
         manifest.rows[12]
 
-    from comfyui_dreamcache.dreamcache_core.toy_world import ToyImageEncoder, ToyTextEncoder
-    from comfyui_dreamcache.dreamcache_core.training_sources import ManifestSource
+    from comfyui_dreamcache.dreamcache_core.toy.toy_world import ToyImageEncoder, ToyTextEncoder
+    from comfyui_dreamcache.dreamcache_core.training.training_sources import ManifestSource
 
     source = ManifestSource(manifest, ToyImageEncoder(), ToyTextEncoder(), 16)
     sample = source.prepared(5)
@@ -301,13 +301,13 @@ def test_index_command_and_command_line_errors(tmp_path):
     assert (tmp_path / "out" / "index.json").is_file()
 
     def cli(*argv):
-        return subprocess.run([sys.executable, "-m", "dreamcache_core.synthesize", *argv], cwd=str(PACK_ROOT),
+        return subprocess.run([sys.executable, "-m", "dreamcache_core.training.synthesize", *argv], cwd=str(PACK_ROOT),
                               capture_output=True, text=True, timeout=120)
 
     missing = cli("--captions", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "x"))
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: --captions {tmp_path / 'nope.tsv'} is not a file; write "
-                                                   "one with `python -m dreamcache_core.synthesize captions --count N "
+                                                   "one with `python -m dreamcache_core.training.synthesize captions --count N "
                                                    "--out captions.tsv`."]
     with pytest.raises(ValueError, match="--detector DIR --segmenter DIR"):
         syn.run_synthesis(["--captions", captions, "--out", str(tmp_path / "x")])

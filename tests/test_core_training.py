@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from comfyui_dreamcache.dreamcache_core import toy_world as tw
-from comfyui_dreamcache.dreamcache_core.dataset import AugmentSettings, augment_reference, build_dataset, main
-from comfyui_dreamcache.dreamcache_core.training_data import (PrecomputedStore, PreparedSample, SpecialInputs,
+from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
+from comfyui_dreamcache.dreamcache_core.training.dataset import AugmentSettings, augment_reference, build_dataset, main
+from comfyui_dreamcache.dreamcache_core.training.training_data import (PrecomputedStore, PreparedSample, SpecialInputs,
                                                               draw_sample, generator_for, read_manifest, sample_index,
                                                               save_image, write_manifest)
 
@@ -79,12 +79,12 @@ def read_manifest_rows(files):
 
 
 def test_missing_manifest_says_how_to_build_one(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dreamcache_core.dataset"):
+    with pytest.raises(FileNotFoundError, match="dreamcache_core.training.dataset"):
         read_manifest(str(tmp_path / "nope.jsonl"))
 
 
 def test_augmentation_is_deterministic_white_filled_and_keeps_the_subject():
-    from comfyui_dreamcache.dreamcache_core.reference_mask import cut_subject_on_white
+    from comfyui_dreamcache.dreamcache_core.masking.reference_mask import cut_subject_on_white
 
     image, mask = _subject_image(3, size=48)
     cut, cut_mask = cut_subject_on_white(image, mask, 48)
@@ -135,7 +135,7 @@ def test_dataset_builder_writes_a_valid_manifest_and_reports_skips(tmp_path):
     manifest = read_manifest(str(out / "manifest.jsonl"))
     assert len(manifest.rows) == 6 and not manifest.skipped
     assert [r.caption for r in manifest.rows[:3]] == ["a thing on a table", "a thing on a table", "a thing outdoors"]
-    from comfyui_dreamcache.dreamcache_core.training_data import load_image, load_mask
+    from comfyui_dreamcache.dreamcache_core.training.training_data import load_image, load_mask
     reference = load_image(manifest.rows[0].reference)
     reference_mask = load_mask(manifest.rows[0].reference_mask)
     assert reference.shape == (40, 40, 3)
@@ -191,7 +191,7 @@ def test_sample_stream_is_an_epoch_permutation_and_draws_are_reproducible():
 
 
 def test_store_round_trip(tmp_path):
-    from comfyui_dreamcache.dreamcache_core.cache import DreamCache
+    from comfyui_dreamcache.dreamcache_core.method.cache import DreamCache
 
     cache = DreamCache({"middle_block.1": torch.randn(1, 8, 2, 2)}, {"middle_block.1": torch.tensor([[1, 0, 1, 1]]).bool()},
                        {"seed": 3})
@@ -252,7 +252,7 @@ def test_toy_world_is_deterministic_and_captions_leave_out_colour_and_texture():
 
 
 def test_precision_choice():
-    from comfyui_dreamcache.dreamcache_core.training_loop import resolve_precision
+    from comfyui_dreamcache.dreamcache_core.training.training_loop import resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) is None and resolve_precision("no", cpu) is None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_dreamcache.dreamcache_core.reference_mask import (
+from comfyui_dreamcache.dreamcache_core.masking.reference_mask import (
     DEFAULT_MARGIN,
     Box,
     EmptyMaskError,

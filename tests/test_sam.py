@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_dreamcache.dreamcache_core.sam_segmenter import (
+from comfyui_dreamcache.dreamcache_core.masking.sam_segmenter import (
     build_sam_from_state_dict,
     detect_sam_variant,
     load_sam_checkpoint,

@@ -1,7 +1,7 @@
 """Tiny SD-shaped ComfyUI models with seeded random weights (ComfyUI imported lazily)."""
 import torch
 
-from comfyui_dreamcache.dreamcache_core.benchmark import SHAPES
+from comfyui_dreamcache.dreamcache_core.evaluation.benchmark import SHAPES
 
 # The benchmark's tiny shapes: the SD1.5 layout at width 32 (text width 64); SDXL's layout (no attention at the
 # highest resolution, transformer depth 2, linear projections, adm = pooled + sizes) at width 32.
@@ -27,7 +27,7 @@ def tiny_pipeline(model):
 
     import torch.nn.functional as F
 
-    from comfyui_dreamcache.dreamcache_core.generate import Pipeline
+    from comfyui_dreamcache.dreamcache_core.evaluation.generate import Pipeline
 
     class TinyPipeline(Pipeline):
         def encode_text(self, text):
@@ -80,8 +80,8 @@ def tiny_setup(family: str = "sd15", model_seed: int = 0, adapter_seed: int = 7)
     from conftest import import_comfy
 
     import_comfy()
-    from comfyui_dreamcache.dreamcache_core.adapter import build_adapter
-    from comfyui_dreamcache.dreamcache_core.layers import discover_memory_layers, model_signature
+    from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers, model_signature
 
     model = (tiny_sdxl_model if family == "sdxl" else tiny_sd15_model)(seed=model_seed)
     unet = model.model.diffusion_model

@@ -1,7 +1,7 @@
 """DreamCache's combined guidance as a ComfyUI GUIDER (for SamplerCustomAdvanced)."""
 from __future__ import annotations
 
-from ..input_checks import check_number
+from ..method.input_checks import check_number
 
 _GUIDER_CLASS = None
 
@@ -20,7 +20,7 @@ def combined_guider_class():
         return _GUIDER_CLASS
     import comfy.samplers
 
-    from ..guidance import IMAGE_ONLY, IMAGE_TEXT, UNCONDITIONAL, combined_guidance, needed_predictions
+    from ..method.guidance import IMAGE_ONLY, IMAGE_TEXT, UNCONDITIONAL, combined_guidance, needed_predictions
 
     class DreamCacheCombinedGuider(comfy.samplers.CFGGuider):
         text_cfg = 7.5
@@ -60,8 +60,8 @@ def combined_guider_class():
 def combined_guider(model_patcher, injection, positive, negative, text_cfg: float = 7.5, image_cfg: float = 5.0):
     """A GUIDER for SamplerCustomAdvanced: a clone of ``model_patcher`` carrying ``injection`` (which must target
     ``guidance.REFERENCE_CHUNKS``), with DreamCache's combined guidance over ``positive``/``negative``."""
-    from ..guidance import REFERENCE_CHUNKS
-    from ..patch import attach_injection
+    from ..method.guidance import REFERENCE_CHUNKS
+    from ..method.patch import attach_injection
 
     text_cfg = check_number(text_cfg, "text_cfg", advice="The authors use 7.5.")
     image_cfg = check_number(image_cfg, "image_cfg", advice="The authors use 5.0.")

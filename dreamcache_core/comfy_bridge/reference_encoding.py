@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 
-from ..cache import DreamCache
-from ..encode import cache_from_features, capture_memory_inputs
-from ..input_checks import check_finite_tensor
+from ..method.cache import DreamCache
+from ..method.encode import cache_from_features, capture_memory_inputs
+from ..method.input_checks import check_finite_tensor
 from .model_pass import single_model_pass
 
 ENCODE_TIMESTEP = 1  # the reference is noised to t = 1, the least noisy step
@@ -64,7 +64,7 @@ def without_dreamcache_patches(model_patcher):
     """``model_patcher`` itself when it carries no DreamCache injection, else a clone without this pack's own
     attn1 patches (other packs' patches, LoRAs and wrappers stay): Encode must cache the base model's features,
     also when it is fed the MODEL that Apply DreamCache returned."""
-    from ..patch import DreamCacheNorm1Patch, DreamCacheOutputPatch
+    from ..method.patch import DreamCacheNorm1Patch, DreamCacheOutputPatch
 
     ours = (DreamCacheNorm1Patch, DreamCacheOutputPatch)
     patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})

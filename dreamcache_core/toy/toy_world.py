@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .training_data import generator_for
+from ..training.training_data import generator_for
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
 COLOURS = {
@@ -146,8 +146,8 @@ def render(subject: Subject, generator: torch.Generator, size: int = 32, min_sca
 
 def make_reference(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, size: int = 32):
     """The BootPIG reference: subject cut onto white, then augmented (the dataset builder's code)."""
-    from .dataset import AugmentSettings, augment_reference
-    from .reference_mask import cut_subject_on_white
+    from ..training.dataset import AugmentSettings, augment_reference
+    from ..masking.reference_mask import cut_subject_on_white
 
     cut_image, cut_mask = cut_subject_on_white(image, mask, size, margin=0.12)
     return augment_reference(cut_image, cut_mask, generator, AugmentSettings(scale_range=(0.8, 1.0),

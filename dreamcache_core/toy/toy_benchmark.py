@@ -1,6 +1,6 @@
 """Show that training teaches DreamCache adapters to use the reference (toy world, CPU, minutes).
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m dreamcache_core.toy_benchmark --out toy_run
+    COMFYUI_PATH=/path/to/ComfyUI python -m dreamcache_core.toy.toy_benchmark --out toy_run
 
 1. Data (``toy_world``): 192 subjects (6 shapes x 8 colours x 4 textures);
    48 held-out subjects never appear in training. Targets are 32 x 32 images
@@ -23,7 +23,7 @@
    reported in the base's own target space. Check: a small CNN trained on
    clean latents classifies the shape of the base's own KSampler samples
    (captions name the shape); a PNG grid of them is written too.
-3. Adapters: ``python -m dreamcache_core.train`` (called in-process, the real
+3. Adapters: ``python -m dreamcache_core.training.train`` (called in-process, the real
    CLI) on the store with reference caches precomputed by the Encode code,
    for several seeds.
 4. Evaluation on held-out subjects, the same (sample, t, noise) for every
@@ -62,7 +62,7 @@ def log(message):
 
 def build_store(path, subjects, count, salt, text_encoder, image_encoder, world=None):
     from . import toy_world as tw
-    from .training_data import PrecomputedStore, PreparedSample, SpecialInputs, generator_for
+    from ..training.training_data import PrecomputedStore, PreparedSample, SpecialInputs, generator_for
 
     store = PrecomputedStore(path)
     labels = []
@@ -90,8 +90,8 @@ def load_all(store):
 # --------------------------------------------------------------------------
 
 def pretrain_base(model, samples, special, steps, batch_size, lr, seed):
-    from .training_data import generator_for
-    from .training_loss import LossRow, denoising_losses, sigma_of_timestep
+    from ..training.training_data import generator_for
+    from ..training.training_loss import LossRow, denoising_losses, sigma_of_timestep
 
     unet = model.model.diffusion_model
     unet.requires_grad_(True)
@@ -168,7 +168,7 @@ def labels_of(subjects):
 
 
 def ksample(model, positive, negative, batch, seed, steps=20, cfg=3.0):
-    from .comfy_bridge.sampling import ksampler_sample, prepare_noise
+    from ..comfy_bridge.sampling import ksampler_sample, prepare_noise
 
     latent = torch.zeros(batch, 4, 8, 8)
     return ksampler_sample(model, prepare_noise(latent, seed), steps, cfg, "euler", "normal", positive, negative,
@@ -184,7 +184,7 @@ def accuracy(classifier, latents, shapes, colours):
 
 def save_grid(latents, path, columns=8):
     from . import toy_world as tw
-    from .training_data import save_image
+    from ..training.training_data import save_image
 
     encoder = tw.ToyImageEncoder()
     images = [encoder.decode(latent) for latent in latents]
@@ -214,8 +214,8 @@ def shuffled_partner(labels):
 
 
 def evaluate(model, adapter, samples, caches, partner, per_band=2, batch=48):
-    from .training_data import generator_for
-    from .training_loss import LossRow, denoising_losses, sigma_of_timestep
+    from ..training.training_data import generator_for
+    from ..training.training_loss import LossRow, denoising_losses, sigma_of_timestep
 
     results = {}
     for name, low, high in BANDS:
@@ -267,7 +267,7 @@ def table(per_seed):
 # --------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreamcache_core.toy_benchmark", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dreamcache_core.toy.toy_benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     parser.add_argument("--out", default="toy_benchmark_run")
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     world = {"min_scale": args.subject_scale[0], "max_scale": args.subject_scale[1], "period": args.texture_period}
 
     from . import toy_world as tw
-    from .comfy_bridge import ensure_comfyui
+    from ..comfy_bridge import ensure_comfyui
 
     ensure_comfyui(args.comfyui, cpu=True)
     if args.threads:
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     log(f"[2/5] pretraining the base U-Net ({args.prediction} prediction, {args.base_steps} steps of "
         f"{args.batch_size}) [{time.perf_counter() - started:.0f} s]")
     base_started = time.perf_counter()
-    from .comfy_bridge.models import model_from_unet_config, save_unet_weights
+    from ..comfy_bridge.models import model_from_unet_config, save_unet_weights
 
     unet_config = tw.toy_unet_config(context_dim=32)
     weights = os.path.join(args.out, "toy_base_unet.safetensors")
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
         with open(config_path) as handle:
             cached = json.load(handle).get("recipe")
     if cached == json.loads(json.dumps(recipe)):
-        from .comfy_bridge.models import read_unet_config
+        from ..comfy_bridge.models import read_unet_config
 
         model = model_from_unet_config(*read_unet_config(config_path), weights, device="cpu")
         base_reused = True
@@ -367,8 +367,8 @@ def main(argv=None) -> int:
         f"(chance {1 / len(tw.SHAPES):.0%}); grid: {os.path.join(args.out, 'base_samples.png')}")
 
     log(f"[3/5] reference caches with the Encode code [{time.perf_counter() - started:.0f} s]")
-    from .training_data import PrecomputedStore
-    from .training_sources import StoreSource, precompute
+    from ..training.training_data import PrecomputedStore
+    from ..training.training_sources import StoreSource, precompute
 
     train_cached = os.path.join(args.out, "train_store")
     precompute(StoreSource(train_store), train_cached, model, caches=True, progress=False, log=log)
@@ -376,8 +376,8 @@ def main(argv=None) -> int:
                              progress=False, log=log)
     eval_caches = [eval_cached.read_sample(i).cache for i in range(len(eval_cached))]
 
-    from .adapter_io import load_adapter
-    from .train import main as train_main
+    from ..io.adapter_io import load_adapter
+    from ..training.train import main as train_main
 
     per_seed = []
     commands = []
@@ -389,7 +389,7 @@ def main(argv=None) -> int:
                    "--output-dir", run_dir, "--steps", str(args.adapter_steps), "--batch-size", str(args.batch_size),
                    "--lr", str(args.adapter_lr), "--seed", str(seed), "--save-every", "0", "--log-every", "10",
                    "--caption-dropout", "0.05", "--reference-dropout", "0.05", "--no-progress"]
-        commands.append("python -m dreamcache_core.train " + " ".join(command))
+        commands.append("python -m dreamcache_core.training.train " + " ".join(command))
         train_main(command)
         adapter = load_adapter(os.path.join(run_dir, "dreamcache_adapter.safetensors"))
         log(f"[5/5] evaluating seed {seed} on held-out subjects [{time.perf_counter() - started:.0f} s]")
@@ -398,9 +398,9 @@ def main(argv=None) -> int:
             first_adapter = adapter
 
     # Samples with Apply DreamCache + KSampler on held-out subjects: does the colour follow the reference?
-    from .cache import combine_caches
-    from .injection import build_injection
-    from .patch import POSITIVE_CHUNK, attach_injection
+    from ..method.cache import combine_caches
+    from ..method.injection import build_injection
+    from ..method.patch import POSITIVE_CHUNK, attach_injection
 
     count = min(len(eval_samples), 48)
     cache = combine_caches(eval_caches[:count])

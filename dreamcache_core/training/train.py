@@ -1,9 +1,9 @@
 """Train DreamCache adapters.
 
-    python -m dreamcache_core.train --checkpoint sd15.safetensors --data data/manifest.jsonl --output-dir runs/a
-    python -m dreamcache_core.train --checkpoint sd15.safetensors --data data/manifest.jsonl \\
+    python -m dreamcache_core.training.train --checkpoint sd15.safetensors --data data/manifest.jsonl --output-dir runs/a
+    python -m dreamcache_core.training.train --checkpoint sd15.safetensors --data data/manifest.jsonl \\
         --precompute data/precomputed --precompute-caches --precompute-only      # then train with --data data/precomputed
-    torchrun --nproc_per_node 4 -m dreamcache_core.train ...                     # several GPUs (DDP over the adapter)
+    torchrun --nproc_per_node 4 -m dreamcache_core.training.train ...                     # several GPUs (DDP over the adapter)
 
 Run it from the pack folder. ComfyUI comes from --comfyui, $COMFYUI_PATH, or
 the ComfyUI holding custom_nodes/<this pack>.
@@ -18,8 +18,8 @@ trains; captions are replaced by the empty prompt with --caption-dropout and
 references by a white one with --reference-dropout.
 
 --data is a JSONL manifest (see training_data; build one with
-``python -m dreamcache_core.dataset``), or a sharded one (``python -m
-dreamcache_core.synthesize``'s folder, read shard by shard), encoded on the fly with the
+``python -m dreamcache_core.training.dataset``), or a sharded one (``python -m
+dreamcache_core.training.synthesize``'s folder, read shard by shard), encoded on the fly with the
 checkpoint's VAE and text encoder, or a folder written by --precompute.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .training_loop import DistributedInfo, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dreamcache_core.train", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.training.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("base model")
     g.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or the one holding custom_nodes)")
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cpu", action="store_true", help="run on the CPU")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="manifest .jsonl, a sharded folder (or its index.json) written by "
-                                                 "dreamcache_core.synthesize, or a folder written by --precompute")
+                                                 "dreamcache_core.training.synthesize, or a folder written by --precompute")
     g.add_argument("--resolution", type=int, default=512, help="training image size (shorter side, centre crop)")
     g.add_argument("--reference-resolution", type=int, help="reference size (default: --resolution)")
     g.add_argument("--no-masks", action="store_true", help="ignore reference masks (cache every reference token)")
@@ -100,10 +100,10 @@ def load_model(args):
     if bool(args.checkpoint) == bool(args.unet_config):
         raise ValueError("Give exactly one of --checkpoint (a real model) and --unet-config (a test/toy U-Net).")
     if args.checkpoint:
-        from .comfy_bridge.models import load_checkpoint
+        from ..comfy_bridge.models import load_checkpoint
 
         return load_checkpoint(args.checkpoint, args.unet_dtype)
-    from .comfy_bridge.models import DTYPES, model_from_unet_config, read_unet_config
+    from ..comfy_bridge.models import DTYPES, model_from_unet_config, read_unet_config
 
     unet_config, prediction = read_unet_config(args.unet_config)
     dtype = DTYPES.get(args.unet_dtype, torch.float32)
@@ -128,7 +128,7 @@ def make_source(args, clip, vae):
     else:
         manifest = read_manifest(args.data)
     if args.toy_encoders:
-        from .toy_world import ToyImageEncoder, ToyTextEncoder
+        from ..toy.toy_world import ToyImageEncoder, ToyTextEncoder
 
         image_encoder, text_encoder = ToyImageEncoder(), ToyTextEncoder()
     else:
@@ -142,7 +142,7 @@ def make_source(args, clip, vae):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .comfy_bridge import ensure_comfyui
+    from ..comfy_bridge import ensure_comfyui
 
     distributed = setup_distributed(args.cpu)
     ensure_comfyui(args.comfyui, cpu=args.cpu)
@@ -170,9 +170,9 @@ def main(argv=None) -> int:
         raise ValueError("--precompute-only needs --precompute DIR.")
     del clip, vae
 
-    from .adapter import build_adapter
-    from .adapter_io import load_adapter
-    from .layers import discover_memory_layers, model_signature
+    from ..method.adapter import build_adapter
+    from ..io.adapter_io import load_adapter
+    from ..method.layers import discover_memory_layers, model_signature
     from .training_loop import AdapterTrainer, latest_checkpoint
 
     unet = model.model.diffusion_model

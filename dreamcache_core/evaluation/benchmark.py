@@ -1,6 +1,6 @@
 """What DreamCache costs: per-step overhead, Encode pass, memory and file sizes.
 
-    python -m dreamcache_core.benchmark [--comfyui PATH] [--shape mid] [--full] [--json out.json] [--markdown out.md]
+    python -m dreamcache_core.evaluation.benchmark [--comfyui PATH] [--shape mid] [--full] [--json out.json] [--markdown out.md]
 
 Everything runs through ComfyUI's real sampling code (``CFGGuider`` ->
 ``sampling_function`` -> ``calc_cond_batch`` -> ``apply_model``), on U-Nets
@@ -48,8 +48,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .comfy_bridge.models import random_model
-from .comfy_bridge.sampling import comfyui_environment, schedule_sigmas
+from ..comfy_bridge.models import random_model
+from ..comfy_bridge.sampling import comfyui_environment, schedule_sigmas
 
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -229,8 +229,8 @@ def conditioning(shape: Shape, seed: int):
 
 def personalise(model_patcher, adapter, cache, chunks=(0,)):
     """What Apply DreamCache does: a clone carrying the injection (ComfyUI's optimized memory attention)."""
-    from .injection import build_injection
-    from .patch import attach_injection
+    from ..method.injection import build_injection
+    from ..method.patch import attach_injection
 
     injection = build_injection(model_patcher, adapter, cache, 1.0, chunks=chunks)
     return attach_injection(model_patcher.clone(), injection), injection
@@ -238,15 +238,15 @@ def personalise(model_patcher, adapter, cache, chunks=(0,)):
 
 def sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, device) -> list:
     """One sampling run through CFGGuider; returns the time of each model call (each step)."""
-    from .comfy_bridge.sampling import sample_timed as bridge_sample_timed
+    from ..comfy_bridge.sampling import sample_timed as bridge_sample_timed
 
     return bridge_sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, lambda: synchronize(device))
 
 
 def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
     """Wall time of one plain model call on ``latent`` through the Encode pass's own path (no capture)."""
-    from .comfy_bridge import encode_sigma, single_model_pass
-    from .comfy_bridge.sampling import prepare_noise
+    from ..comfy_bridge import encode_sigma, single_model_pass
+    from ..comfy_bridge.sampling import prepare_noise
 
     noise = prepare_noise(latent, seed)
     sigma = torch.tensor([encode_sigma(model_patcher)])
@@ -301,7 +301,7 @@ def adapter_step_flops(injection, rows: int) -> int:
 
 
 def timed_encode(model_patcher, latent, cond, seed, device, mask=None):
-    from .comfy_bridge import encode_reference
+    from ..comfy_bridge import encode_reference
 
     synchronize(device)
     start = time.perf_counter()
@@ -339,9 +339,9 @@ def center_mask(side: int, fraction: float) -> torch.Tensor:
 def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, settings: BenchmarkSettings,
                     log: Callable[[str], None] = print) -> dict:
     """Run the whole benchmark for one shape; returns a JSON-ready dict."""
-    from .adapter import build_adapter
-    from .adapter_io import adapter_state_dict
-    from .layers import discover_memory_layers, model_signature
+    from ..method.adapter import build_adapter
+    from ..io.adapter_io import adapter_state_dict
+    from ..method.layers import discover_memory_layers, model_signature
 
     build_start = time.perf_counter()
     model = random_model(shape.family, shape.unet, settings.seed, dtype, device)
@@ -530,7 +530,7 @@ def environment_info(device: torch.device) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m dreamcache_core.benchmark",
+        prog="python -m dreamcache_core.evaluation.benchmark",
         description="Time DreamCache against the unpatched model through ComfyUI's sampling code (random weights).")
     parser.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or the custom_nodes parent)")
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES),
@@ -578,14 +578,14 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return getattr(torch, choice)
 
 
-def command_line(argv, module: str = "dreamcache_core.benchmark") -> str:
+def command_line(argv, module: str = "dreamcache_core.evaluation.benchmark") -> str:
     return f"python -m {module}" + ("" if not argv else " " + " ".join(argv))
 
 
 def prepare_device(args) -> torch.device:
     """The device ``args.device`` names, with ComfyUI made importable for it and torch's CPU threads set."""
     device = resolve_device(args.device)
-    from .comfy_bridge import ensure_comfyui
+    from ..comfy_bridge import ensure_comfyui
 
     ensure_comfyui(args.comfyui, cpu=device.type == "cpu")
     if args.threads:

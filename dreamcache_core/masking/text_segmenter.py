@@ -107,7 +107,7 @@ class AutomaticSam:
     """segment-anything with the automatic prompt (no detector): (image, noun) -> Detection without a score."""
 
     def __init__(self, checkpoint: str, device: Optional[str] = None):
-        from .dataset import sam_segmenter
+        from ..training.dataset import sam_segmenter
 
         if not os.path.isfile(checkpoint):
             raise ValueError(f"--sam {checkpoint} is not a file; give a segment-anything checkpoint "

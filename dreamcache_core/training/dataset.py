@@ -1,8 +1,8 @@
 """Build a DreamCache training manifest from a folder of photos (BootPIG-style).
 
-    python -m dreamcache_core.dataset --images photos/ --out data/ [--captions captions.csv]
+    python -m dreamcache_core.training.dataset --images photos/ --out data/ [--captions captions.csv]
         [--sam models/sams/sam_vit_b_01ec64.pth] [--references-per-image 1] [--reference-size 512]
-    python -m dreamcache_core.dataset --validate data/manifest.jsonl
+    python -m dreamcache_core.training.dataset --validate data/manifest.jsonl
 
 For every image of ``--images`` (sorted; files named ``<stem><mask-suffix>.png``
 are masks, not images):
@@ -145,7 +145,7 @@ def build_dataset(images_dir: str, out_dir: str, captions_csv: Optional[str] = N
                   augment: AugmentSettings = AugmentSettings(), manifest_name: str = "manifest.jsonl",
                   log=print) -> BuildReport:
     """Build ``<out_dir>/<manifest_name>`` and the references; see the module docstring."""
-    from .reference_mask import EmptyMaskError, resize_mask
+    from ..masking.reference_mask import EmptyMaskError, resize_mask
 
     captions = read_captions_csv(captions_csv) if captions_csv else {}
     report = BuildReport()
@@ -204,7 +204,7 @@ def add_references(report: BuildReport, target_path: str, image: torch.Tensor, m
     ("augment", seed, stem, k). Raises ``reference_mask.EmptyMaskError`` when the mask is empty; returns the
     number of rows added (a reference whose subject left the frame is listed as skipped instead).
     """
-    from .reference_mask import cut_subject_on_white
+    from ..masking.reference_mask import cut_subject_on_white
 
     name = os.path.basename(target_path)
     stem = os.path.splitext(name)[0]
@@ -236,14 +236,14 @@ def write_report(report: BuildReport, out_dir: str, manifest_name: str = "manife
 
 def sam_segmenter(path: str, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """A segmenter (image [H, W, 3] -> mask [H, W]) from a SAM checkpoint file."""
-    from .sam_segmenter import build_sam_from_state_dict, load_sam_checkpoint, segment_subject
+    from ..masking.sam_segmenter import build_sam_from_state_dict, load_sam_checkpoint, segment_subject
 
     model = build_sam_from_state_dict(load_sam_checkpoint(path)).to(device)
     return lambda image: segment_subject(model, image)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreamcache_core.dataset", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m dreamcache_core.training.dataset", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", help="folder of photos (captions as <stem>.txt beside them or --captions)")
     parser.add_argument("--out", help="output folder (manifest.jsonl, references/, skipped.txt)")

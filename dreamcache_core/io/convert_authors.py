@@ -1,6 +1,6 @@
 """Convert the authors' released adapter (cross_attention-<step>.pt) into this pack's .safetensors.
 
-    python -m dreamcache_core.convert_authors --adapter cross_attention-400000.pt \
+    python -m dreamcache_core.io.convert_authors --adapter cross_attention-400000.pt \
         --base v2-1_512-ema-pruned.safetensors --out ComfyUI/models/dreamcache/dreamcache_sd21.safetensors
 
 The base checkpoint is read for three things only: the width and heads of each memory layer, the model
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .adapter_io import (BaseLayout, _authors_layer_keys, _torch_load_safely, adapter_from_authors_state_dict,
                          save_adapter)
-from .layers import MemoryLayerSpec
+from ..method.layers import MemoryLayerSpec
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SD1_CONTEXT_DIM = 768  # SD1.x uses 8 heads; SD2.x and SDXL use heads of 64 channels

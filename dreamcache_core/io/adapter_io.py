@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from .adapter import DreamCacheAdapter
-from .input_checks import check_finite_tensor
-from .layers import MemoryLayerSpec, describe_layers
-from .normal_tensors import normal_tensors
+from ..method.adapter import DreamCacheAdapter
+from ..method.input_checks import check_finite_tensor
+from ..method.layers import MemoryLayerSpec, describe_layers
+from ..method.normal_tensors import normal_tensors
 
 FORMAT_NAME = "adapter"
 FORMAT_VERSION = "1"
@@ -133,7 +133,7 @@ def _check_format(metadata: dict, name: str) -> None:
     if metadata.get("dreamcache_format") != FORMAT_NAME:
         raise AdapterFileError(
             f"{name} is a safetensors file but not a DreamCache adapter (no dreamcache_format metadata). "
-            "Convert the authors' checkpoint with `python -m dreamcache_core.convert_authors` or pick an adapter file."
+            "Convert the authors' checkpoint with `python -m dreamcache_core.io.convert_authors` or pick an adapter file."
         )
     version = metadata.get("dreamcache_version")
     if version != FORMAT_VERSION:
@@ -283,7 +283,7 @@ def authors_specs_from_state_dict(state: dict, heads_by_dim_head: int = 64, sour
                 f"not fit the head layout (heads of {heads_by_dim_head} channels, as in SD2.x) that an authors' "
                 "checkpoint is read with when no base model is given. The file itself may be fine: it was made for a "
                 "base with another head layout. Convert it against its base model with `python -m "
-                "dreamcache_core.convert_authors --adapter <file> --base <base checkpoint>`."
+                "dreamcache_core.io.convert_authors --adapter <file> --base <base checkpoint>`."
             )
         parts = key.split(".")
         block = ("middle", 0) if parts[0] == "middle_block" else (
@@ -332,7 +332,7 @@ class BaseLayout:
 
 
 def layout_of_model(model) -> BaseLayout:
-    from .layers import discover_memory_layers, memory_norm1, model_signature
+    from ..method.layers import discover_memory_layers, memory_norm1, model_signature
 
     return BaseLayout(discover_memory_layers(model), memory_norm1(model), model_signature(model))
 

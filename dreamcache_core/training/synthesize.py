@@ -1,12 +1,12 @@
 """The synthetic training set: captions -> renders -> text-prompted segmentation -> (caption, target, reference) rows.
 
-    python -m dreamcache_core.synthesize captions --count 400000 --seed 0 --out captions.tsv
-    python -m dreamcache_core.synthesize --captions captions.tsv --checkpoint sdxl.safetensors --out synthetic/ \\
+    python -m dreamcache_core.training.synthesize captions --count 400000 --seed 0 --out captions.tsv
+    python -m dreamcache_core.training.synthesize --captions captions.tsv --checkpoint sdxl.safetensors --out synthetic/ \\
         --detector models/grounding-dino-base --segmenter models/sam-vit-base \\
         --width 1024 --height 1024 --steps 25 --cfg 3.5 --batch 4
-    torchrun --nproc_per_node 8 -m dreamcache_core.synthesize ...      # or --rank R --world-size W per machine
-    python -m dreamcache_core.synthesize index synthetic/              # (re)write index.json once every shard is done
-    python -m dreamcache_core.train --checkpoint sd15.safetensors --data synthetic/ ...
+    torchrun --nproc_per_node 8 -m dreamcache_core.training.synthesize ...      # or --rank R --world-size W per machine
+    python -m dreamcache_core.training.synthesize index synthetic/              # (re)write index.json once every shard is done
+    python -m dreamcache_core.training.train --checkpoint sd15.safetensors --data synthetic/ ...
 
 The authors' recipe (DreamCache supplementary S1): captions of concrete objects
 in contexts, rendered by a strong base (SDXL, CFG 3.5, 25 steps), the subject
@@ -51,7 +51,7 @@ from typing import Callable, Optional
 import torch
 
 from .sharded_manifest import SHARD_MANIFEST, shard_name, write_index
-from .subject_filters import EMPTY_MASK, REASONS, Detection, FilterSettings, mask_fraction, rejection
+from ..masking.subject_filters import EMPTY_MASK, REASONS, Detection, FilterSettings, mask_fraction, rejection
 from .synthetic_captions import CaptionRow, CaptionsFileError, count_captions, read_captions, write_captions
 
 SETTINGS_FILE = "synthesis.json"
@@ -227,7 +227,7 @@ def missing_shards(out_dir: str, total: int, shard_size: int) -> list:
 
 def check_settings(out_dir: str, settings: SynthesisSettings, captions_path: str, total: int) -> None:
     """Write synthesis.json, or refuse when the folder was started with other settings or captions."""
-    from .generate import file_sha256
+    from ..evaluation.generate import file_sha256
 
     record = {"format": SETTINGS_FORMAT, "settings": json.loads(json.dumps(asdict(settings))),
               "captions": {"rows": total, "sha256": file_sha256(captions_path)}}
@@ -236,7 +236,7 @@ def check_settings(out_dir: str, settings: SynthesisSettings, captions_path: str
         with open(path, encoding="utf-8") as handle:
             previous = json.load(handle)
         if previous.get("format") != SETTINGS_FORMAT:
-            raise ValueError(f"{path} was not written by dreamcache_core.synthesize; choose another --out folder.")
+            raise ValueError(f"{path} was not written by dreamcache_core.training.synthesize; choose another --out folder.")
         for key in ("settings", "captions"):
             if previous.get(key) != record[key]:
                 changed = sorted(k for k in set(previous.get(key, {})) | set(record[key])
@@ -260,7 +260,7 @@ def target_path(shard_dir: str, number: int) -> str:
 
 
 def save_target(image: torch.Tensor, path: str, row: CaptionRow, seed: int) -> None:
-    from .generate import save_png
+    from ..evaluation.generate import save_png
 
     save_png(image, path, {"dreamcache": {"caption": row.caption, "noun": row.noun, "seed": seed,
                                           "row": row.number}})
@@ -270,7 +270,7 @@ def row_outcome(row: CaptionRow, image: torch.Tensor, detection: Detection, shar
                 settings: SynthesisSettings) -> dict:
     """Filter the detection and, when it is kept, write the augmented references; returns the progress record."""
     from .dataset import BuildReport, add_references
-    from .reference_mask import EmptyMaskError
+    from ..masking.reference_mask import EmptyMaskError
 
     record = {"number": row.number, "id": row_id(row.number), "seed": row_seed(settings, row.number),
               "noun": row.noun, "score": detection.score,
@@ -452,7 +452,7 @@ class PipelineRenderer:
 
     def __init__(self, pipeline, width: int = 1024, height: int = 1024, steps: int = 25, cfg: float = 3.5,
                  sampler: str = "euler", scheduler: str = "normal", negative: str = ""):
-        from .generate import Sampler
+        from ..evaluation.generate import Sampler
 
         for name, value in (("width", width), ("height", height)):
             if value % 8 or value < 64:
@@ -489,7 +489,7 @@ class PipelineRenderer:
 # --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dreamcache_core.synthesize", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.training.synthesize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--captions", required=True, help="captions file: caption<TAB>subject noun a line")
     p.add_argument("--out", required=True, help="output folder (shards, index.json, synthesis.json)")
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_segmenter(args):
-    from .text_segmenter import AutomaticSam, GroundedSam
+    from ..masking.text_segmenter import AutomaticSam, GroundedSam
 
     if args.detector:
         if not args.segmenter:
@@ -550,14 +550,14 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if not os.path.isfile(args.captions):
         raise ValueError(f"--captions {args.captions} is not a file; write one with "
-                         "`python -m dreamcache_core.synthesize captions --count N --out captions.tsv`.")
+                         "`python -m dreamcache_core.training.synthesize captions --count N --out captions.tsv`.")
     segmenter_info = {"kind": "given by the caller"}
     if segmenter is None:
         segmenter, segmenter_info = make_segmenter(args)
     checkpoint_info = None
     if pipeline is None:
-        from .comfy_bridge import ensure_comfyui
-        from .generate import load_pipeline
+        from ..comfy_bridge import ensure_comfyui
+        from ..evaluation.generate import load_pipeline
 
         if not args.checkpoint:
             raise ValueError("Give the base that renders the targets: --checkpoint FILE (SDXL, SD1.5, ...).")
@@ -581,7 +581,7 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
 def captions_command(argv: list) -> int:
     from .synthetic_captions import distinct_object_count
 
-    p = argparse.ArgumentParser(prog="python -m dreamcache_core.synthesize captions",
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.training.synthesize captions",
                                 description="Write a captions file of generated object-in-context captions.")
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -593,7 +593,7 @@ def captions_command(argv: list) -> int:
 
 
 def index_command(argv: list) -> int:
-    p = argparse.ArgumentParser(prog="python -m dreamcache_core.synthesize index",
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.training.synthesize index",
                                 description="Write index.json of a synthesis folder whose shards are all finished.")
     p.add_argument("out")
     args = p.parse_args(argv)

@@ -30,9 +30,9 @@ from typing import Optional
 
 import torch
 
-from .cache import combine_caches
-from .injection import build_injection
-from .patch import attach_injection
+from ..method.cache import combine_caches
+from ..method.injection import build_injection
+from ..method.patch import attach_injection
 
 
 # --------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def predict_residual(model_patcher, latents: torch.Tensor, noise: torch.Tensor, 
     ``latents`` are raw VAE latents (LATENT["samples"]); ComfyUI's guider applies the model's latent
     format (``process_latent_in``) and its patches, just as KSampler does. Differentiable.
     """
-    from .comfy_bridge import single_model_pass
+    from ..comfy_bridge import single_model_pass
 
     result = single_model_pass(model_patcher, latents, noise, conditioning, sigmas)
     return model_output_residual(result.model_sampling, result.sigma, result.latent, result.denoised)
@@ -113,7 +113,7 @@ def denoising_losses(model_patcher, adapter, rows: list, attention=None, autocas
     attends to its own reference only (``combine_caches`` + the injection's "per_image" reference mode).
     """
     if attention is None:
-        from .comfy_bridge import comfy_memory_attention as attention
+        from ..comfy_bridge import comfy_memory_attention as attention
     groups: dict = {}
     for position, row in enumerate(rows):
         groups.setdefault(_group_key(row), []).append(position)

@@ -82,7 +82,7 @@ class ShardRows:
         if manifest.skipped or len(manifest.rows) != self.counts[shard]:
             raise ValueError(f"{self.manifests[shard]} has {len(manifest.rows)} usable rows ({len(manifest.skipped)} "
                              f"broken), but {os.path.join(self.root, INDEX_FILE)} lists {self.counts[shard]}. "
-                             "Rewrite the index: python -m dreamcache_core.synthesize index " + self.root)
+                             "Rewrite the index: python -m dreamcache_core.training.synthesize index " + self.root)
         self.loaded[shard] = manifest.rows
         while len(self.loaded) > self.keep:
             self.loaded.popitem(last=False)
@@ -111,7 +111,7 @@ class ShardedManifest:
         index = os.path.join(path, INDEX_FILE) if os.path.isdir(path) else path
         if not os.path.isfile(index):
             raise ValueError(f"{path} holds no {INDEX_FILE}: it is not a finished sharded data set. Finish the "
-                             "synthesis (every rank), or write the index: python -m dreamcache_core.synthesize index DIR")
+                             "synthesis (every rank), or write the index: python -m dreamcache_core.training.synthesize index DIR")
         with open(index, encoding="utf-8") as handle:
             data = json.load(handle)
         if data.get("format") != INDEX_FORMAT:

@@ -23,7 +23,7 @@ import torch
 
 from .training_data import generator_for
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 VOCABULARY_FILES = {"adjectives": "synthetic_adjectives.txt", "materials": "synthetic_materials.txt",
                     "objects": "synthetic_objects.txt", "contexts": "synthetic_contexts.txt",
                     "templates": "synthetic_templates.txt"}
@@ -99,7 +99,7 @@ def read_captions(path: str) -> Iterator[CaptionRow]:
     """Stream the rows of a captions file (never the whole file in memory); raises CaptionsFileError on a bad line."""
     if not os.path.isfile(path):
         raise CaptionsFileError(f"Captions file not found: {path}. Write one with "
-                                "`python -m dreamcache_core.synthesize captions --count N --out captions.tsv`.")
+                                "`python -m dreamcache_core.training.synthesize captions --count N --out captions.tsv`.")
     number = 0
     with open(path, encoding="utf-8") as handle:
         for line_number, text in enumerate(handle, start=1):

@@ -1,7 +1,7 @@
 """Training throughput: samples/s of the DreamCache training step against plain U-Net training, same U-Net.
 
-    python -m dreamcache_core.training_benchmark --shape tiny --shape mid                    # the CPU, shrunk shapes
-    python -m dreamcache_core.training_benchmark --shape sd15-512 --shape sdxl-1024 \\
+    python -m dreamcache_core.evaluation.training_benchmark --shape tiny --shape mid                    # the CPU, shrunk shapes
+    python -m dreamcache_core.evaluation.training_benchmark --shape sd15-512 --shape sdxl-1024 \\
         --batch 4 --precision bf16 --precision fp32 --checkpointing both --markdown training.md   # a GPU
 
 Per configuration (shape x autocast precision x gradient checkpointing), on
@@ -43,7 +43,7 @@ import torch
 
 from .benchmark import (SHAPES, command_line, conditioning, counted_flops, environment_info, median,
                         prepare_device, report_results, synchronize)
-from .comfy_bridge.models import meta_unet, random_model
+from ..comfy_bridge.models import meta_unet, random_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,7 +59,7 @@ class StepSettings:
 
 def training_rows(model_patcher, shape, settings: StepSettings, device: torch.device):
     """(loss rows without caches, reference latents): random targets, noise, text; one reference per row."""
-    from .training_loss import LossRow, sigma_of_timestep
+    from ..training.training_loss import LossRow, sigma_of_timestep
 
     generator = torch.Generator().manual_seed(settings.seed)
     side = shape.latent
@@ -102,8 +102,8 @@ def peak_memory(device: torch.device, run) -> Optional[int]:
 def benchmark_configuration(model_patcher, adapter, shape, settings: StepSettings, device: torch.device,
                             precision: str, checkpointing: bool) -> dict:
     """Median step times (s) and samples/s of plain, adapter and adapter-cached steps for one configuration."""
-    from .comfy_bridge import encode_reference
-    from .training_loss import LossRow, denoising_losses, gradient_checkpointing
+    from ..comfy_bridge import encode_reference
+    from ..training.training_loss import LossRow, denoising_losses, gradient_checkpointing
 
     unet = model_patcher.model.diffusion_model
     dtype = PRECISIONS[precision]
@@ -159,8 +159,8 @@ def benchmark_configuration(model_patcher, adapter, shape, settings: StepSetting
 
 def benchmark_shape(name: str, device: torch.device, settings: StepSettings, precisions: list,
                     checkpointing: list, log) -> list:
-    from .adapter import build_adapter
-    from .layers import discover_memory_layers, model_signature
+    from ..method.adapter import build_adapter
+    from ..method.layers import discover_memory_layers, model_signature
 
     shape = SHAPES[name]
     log(f"{name}: building the U-Net ({shape.description})")
@@ -186,7 +186,7 @@ def benchmark_shape(name: str, device: torch.device, settings: StepSettings, pre
 def forward_flops(name: str, device: torch.device, seed: int = 0) -> int:
     """FLOPs of one plain forward pass of one sample of ``name`` (no gradients: fits machines that cannot
     train the shape), the unit the training-step FLOPs of smaller shapes are scaled by."""
-    from .training_loss import denoising_losses
+    from ..training.training_loss import denoising_losses
 
     shape = SHAPES[name]
     model_patcher = random_model(shape.family, shape.unet, seed, torch.float32, device)
@@ -244,7 +244,7 @@ def markdown_table(results: list, environment: dict, command: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dreamcache_core.training_benchmark",
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.evaluation.training_benchmark",
                                 description="Training throughput of DreamCache against plain U-Net training.")
     p.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or the custom_nodes parent)")
     p.add_argument("--shape", action="append", choices=sorted(SHAPES), help="repeatable; default: tiny")
@@ -273,7 +273,7 @@ def main(argv=None) -> list:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = prepare_device(args)
-    command = command_line(argv, "dreamcache_core.training_benchmark")
+    command = command_line(argv, "dreamcache_core.evaluation.training_benchmark")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32"])
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     settings = StepSettings(args.batch, args.repeats, args.warmup, args.seed)

@@ -1,9 +1,9 @@
 """Headless DreamCache generation through ComfyUI, in-process.
 
-    python -m dreamcache_core.generate --checkpoint sd15.safetensors --adapter dreamcache_sd15.safetensors \\
+    python -m dreamcache_core.evaluation.generate --checkpoint sd15.safetensors --adapter dreamcache_sd15.safetensors \\
         --reference dog.jpg --sam sam_vit_b_01ec64.pth --prompt "a dog on the beach" --images-per-prompt 4 --out out/
 
-    python -m dreamcache_core.generate --checkpoint sd15.safetensors --adapter dreamcache_sd15.safetensors \\
+    python -m dreamcache_core.evaluation.generate --checkpoint sd15.safetensors --adapter dreamcache_sd15.safetensors \\
         --dreambench /path/to/dreambooth/dataset --sam sam_vit_b_01ec64.pth --images-per-prompt 4 --out dreambench_out/
 
 The same code a ComfyUI workflow runs: ``comfy.sd.load_checkpoint_guess_config``
@@ -50,8 +50,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .comfy_bridge.models import comfy_nodes_module
-from .injection import build_injection
+from ..comfy_bridge.models import comfy_nodes_module
+from ..method.injection import build_injection
 
 SETTINGS_FILE = "settings.json"
 SETTINGS_FORMAT = "dreamcache-generate"
@@ -167,7 +167,7 @@ class Pipeline:
 
 def load_pipeline(checkpoint: str) -> Pipeline:
     """Load Checkpoint: MODEL, CLIP and VAE from one checkpoint file."""
-    from .comfy_bridge.models import load_checkpoint
+    from ..comfy_bridge.models import load_checkpoint
 
     return Pipeline(*load_checkpoint(checkpoint, need_encoders=True))
 
@@ -180,7 +180,7 @@ class SamSegmenter:
     """SAM loaded once, used to find the subject of references (and of images in evaluate)."""
 
     def __init__(self, checkpoint: str, device: Optional[str] = None):
-        from .sam_segmenter import build_sam_from_state_dict, load_sam_checkpoint
+        from ..masking.sam_segmenter import build_sam_from_state_dict, load_sam_checkpoint
 
         self.checkpoint = checkpoint
         self.sam = build_sam_from_state_dict(load_sam_checkpoint(checkpoint))
@@ -189,7 +189,7 @@ class SamSegmenter:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """Subject mask [H, W] of one image [H, W, C]."""
-        from .sam_segmenter import segment_subject
+        from ..masking.sam_segmenter import segment_subject
 
         return segment_subject(self.sam, image)
 
@@ -212,7 +212,7 @@ def prepare_reference(image: torch.Tensor, size: int, mask: Optional[torch.Tenso
     Without any of them the reference is only resized to a square (unmasked), or refused when
     ``allow_unmasked`` is False.
     """
-    from .reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
+    from ..masking.reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
 
     margin = DEFAULT_MARGIN if margin is None else margin
     if image.ndim == 3:
@@ -242,7 +242,7 @@ def prepare_reference(image: torch.Tensor, size: int, mask: Optional[torch.Tenso
 
 def encode_cache(pipeline: Pipeline, reference: Reference, encode_conditioning, seed: int, token_mask: bool = True):
     """Encode DreamCache on the prepared reference (the mask, when there is one, drops background tokens)."""
-    from .comfy_bridge import encode_reference
+    from ..comfy_bridge import encode_reference
 
     latent = pipeline.encode_image(reference.image)
     mask = reference.mask if (token_mask and reference.mask is not None) else None
@@ -264,13 +264,13 @@ class Sampler:
         if guidance == "off" or cache is None or settings["strength"] == 0:
             self.sampling_model = model
         elif guidance == "joint":
-            from .patch import POSITIVE_CHUNK, attach_injection
+            from ..method.patch import POSITIVE_CHUNK, attach_injection
 
             self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
                                              settings["end_percent"], (POSITIVE_CHUNK,), memory_managed=True)
             self.sampling_model = attach_injection(model.clone(), self.injection)
         elif guidance == "combined":
-            from .guidance import REFERENCE_CHUNKS
+            from ..method.guidance import REFERENCE_CHUNKS
 
             self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
                                              settings["end_percent"], REFERENCE_CHUNKS, memory_managed=True)
@@ -279,8 +279,8 @@ class Sampler:
             raise ValueError(f"--guidance must be one of {GUIDANCE_MODES}, got {guidance!r}.")
 
     def sample(self, positive, negative, seeds: list[int], latent_shape) -> torch.Tensor:
-        from .comfy_bridge import combined_guider
-        from .comfy_bridge.sampling import empty_latent_for, guider_sample, ksampler_sample, prepare_noise
+        from ..comfy_bridge import combined_guider
+        from ..comfy_bridge.sampling import empty_latent_for, guider_sample, ksampler_sample, prepare_noise
 
         s = self.settings
         latent = empty_latent_for(self.model, torch.zeros((len(seeds),) + tuple(latent_shape)))
@@ -322,7 +322,7 @@ def read_prompts_file(path: str) -> list[str]:
 
 
 def dreambench_jobs(settings: dict) -> list[Job]:
-    from .data import dreambench_prompts, dreambench_subject, dreambench_subjects
+    from ..data import dreambench_prompts, dreambench_subject, dreambench_subjects
 
     dataset = settings["dreambench"]
     if not os.path.isdir(dataset):
@@ -380,7 +380,7 @@ def resolve_seeds(settings: dict) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def environment_info() -> dict:
-    from .comfy_bridge.sampling import comfyui_environment
+    from ..comfy_bridge.sampling import comfyui_environment
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     found = comfyui_environment()
@@ -407,8 +407,8 @@ def run(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], N
 
 
 def _generate_all(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], None], adapter) -> dict:
-    from .adapter_io import load_adapter
-    from .cache import load_cache, save_cache
+    from ..io.adapter_io import load_adapter
+    from ..method.cache import load_cache, save_cache
 
     os.makedirs(out_dir, exist_ok=True)
     unet = pipeline.model.get_model_object("diffusion_model")
@@ -427,7 +427,7 @@ def _generate_all(pipeline: Pipeline, settings: dict, out_dir: str, log: Callabl
     record = {
         "format": SETTINGS_FORMAT,
         "version": SETTINGS_VERSION,
-        "command": "python -m dreamcache_core.generate " + shlex.join(settings.get("_argv", [])),
+        "command": "python -m dreamcache_core.evaluation.generate " + shlex.join(settings.get("_argv", [])),
         "settings": {k: v for k, v in settings.items() if not k.startswith("_")},
         "seeds": seeds,
         "files": {"checkpoint": settings.get("_checkpoint_info"), "adapter": describe_file(settings["adapter"]),
@@ -509,7 +509,7 @@ def _generate_all(pipeline: Pipeline, settings: dict, out_dir: str, log: Callabl
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dreamcache_core.generate",
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.evaluation.generate",
                                 description="Generate personalised images with DreamCache through ComfyUI, headless.")
     p.add_argument("--replay", help="a settings.json written by an earlier run: its settings are the defaults "
                                     "(options given here override them)")
@@ -578,7 +578,7 @@ def resolve_settings(argv: list, parser: Optional[argparse.ArgumentParser] = Non
         with open(args.replay, encoding="utf-8") as handle:
             previous = json.load(handle)
         if previous.get("format") != SETTINGS_FORMAT:
-            raise ValueError(f"{args.replay} is not a settings file written by dreamcache_core.generate.")
+            raise ValueError(f"{args.replay} is not a settings file written by dreamcache_core.evaluation.generate.")
         known = {action.dest for action in parser._actions}
         parser.set_defaults(**{k: v for k, v in previous["settings"].items() if k in known and k not in NON_GENERATIVE})
         args = parser.parse_args(argv)
@@ -603,7 +603,7 @@ def main(argv=None, pipeline: Optional[Pipeline] = None, log: Optional[Callable[
     log = log or ((lambda message: None) if settings["quiet"] else
                   (lambda message: print(message, file=sys.stderr, flush=True)))
     if pipeline is None:
-        from .comfy_bridge import ensure_comfyui
+        from ..comfy_bridge import ensure_comfyui
 
         ensure_comfyui(settings["comfyui"], cpu=settings["cpu"])
         if not settings["checkpoint"]:

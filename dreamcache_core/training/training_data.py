@@ -17,8 +17,8 @@ A relative path that leaves the manifest's folder (``../photos/a.png``) is
 allowed as well, since ``write_manifest`` writes such paths for files beside a
 manifest in a subfolder, but it is reported: ``read_manifest`` keeps the row and
 adds a warning naming the line and the path, which
-``python -m dreamcache_core.dataset --validate`` prints as a ``warning`` line
-(the exit code is unchanged). Lines starting with ``#`` are comments. ``python -m dreamcache_core.dataset`` writes such a file
+``python -m dreamcache_core.training.dataset --validate`` prints as a ``warning`` line
+(the exit code is unchanged). Lines starting with ``#`` are comments. ``python -m dreamcache_core.training.dataset`` writes such a file
 from a folder of photos; ``read_manifest`` validates every row (fields, files,
 images, masks) and returns the rows it kept plus the rows it skipped, each
 with the reason.
@@ -252,7 +252,7 @@ def escaping_paths(data: dict, line: int, base_dir: str) -> list[str]:
 def read_manifest(path: str, check_files: bool = True) -> Manifest:
     """Parse and validate a JSONL manifest; every bad row is skipped with its reason."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Manifest not found: {path}. Build one with `python -m dreamcache_core.dataset`.")
+        raise FileNotFoundError(f"Manifest not found: {path}. Build one with `python -m dreamcache_core.training.dataset`.")
     base_dir = os.path.dirname(os.path.abspath(path))
     rows, skipped, warnings = [], [], []
     with open(path, encoding="utf-8") as handle:
@@ -412,7 +412,7 @@ def _cache_tensors(cache, prefix="cache.") -> dict:
 
 
 def _cache_from_tensors(tensors: dict, metadata: dict, prefix="cache."):
-    from .cache import DreamCache
+    from ..method.cache import DreamCache
 
     features = {k[len(prefix + "features."):]: v for k, v in tensors.items() if k.startswith(prefix + "features.")}
     if not features:

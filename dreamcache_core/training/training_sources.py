@@ -126,7 +126,7 @@ def reference_cache(model_patcher, sample: PreparedSample, index: int, special: 
     """The reference cache of ``sample`` (precomputed, or one Encode pass at t = 1, the Encode node's code)."""
     if sample.cache is not None and (use_masks or not sample.cache.token_masks):
         return sample.cache
-    from .comfy_bridge import encode_reference
+    from ..comfy_bridge import encode_reference
 
     mask = sample.reference_mask[None] if (use_masks and sample.reference_mask is not None) else None
     empty = [[special.empty_cond[None], {} if special.empty_pooled is None else {"pooled_output": special.empty_pooled[None]}]]
@@ -138,7 +138,7 @@ def null_reference_cache(model_patcher, special: SpecialInputs):
     """The cache of the null reference (a white image, no mask): what reference dropout injects."""
     if special.null_cache is not None:
         return special.null_cache
-    from .comfy_bridge import encode_reference
+    from ..comfy_bridge import encode_reference
 
     empty = [[special.empty_cond[None], {} if special.empty_pooled is None else {"pooled_output": special.empty_pooled[None]}]]
     with torch.no_grad():
@@ -152,7 +152,7 @@ def precompute(source, store_dir: str, model_patcher=None, caches: bool = False,
     """Write ``source`` (usually a ManifestSource) as a precomputed store; with ``caches`` also each
     reference's cache (needs ``model_patcher``; the same Encode pass training would run). With several
     processes each writes every ``world``-th sample; rank 0 writes the store description."""
-    from .layers import model_signature
+    from ..method.layers import model_signature
 
     if caches and model_patcher is None:
         raise ValueError("Precomputing reference caches needs the base model.")

@@ -56,13 +56,13 @@ def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, st
         reference_weights = parse_reference_weights(reference_weights, cache.num_references)
     strengths = layer_strengths(specs, middle_weight, decoder_weight, layer_weights)
     if attention is None:
-        from .comfy_bridge import comfy_memory_attention as attention
+        from ..comfy_bridge import comfy_memory_attention as attention
     injection = DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, chunks,
                                     layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
                                     reuse_memory_kv=reuse_memory_kv, attention=attention, region_mask=region_mask,
                                     reference_mode=reference_mode, reference_weights=reference_weights)
     if memory_managed:
-        from .comfy_bridge import adapter_model_patcher
+        from ..comfy_bridge import adapter_model_patcher
 
         dtype = model.model_dtype() or torch.float32
         injection.managed_models = [adapter_model_patcher(ready_adapter, injection.device_memory_bytes(dtype))]

@@ -1,9 +1,9 @@
 """DreamBench scores of a generation folder: DINO, CLIP-I, CLIP-T and the masked MDINO, MCLIP-I.
 
-    python -m dreamcache_core.evaluate --generations dreambench_out/ --dino models/dino-vits16 \\
+    python -m dreamcache_core.evaluation.evaluate --generations dreambench_out/ --dino models/dino-vits16 \\
         --clip models/clip-vit-base-patch32 [--sam sam_vit_b_01ec64.pth] [--json scores.json]
 
-``--generations`` is a folder written by ``python -m dreamcache_core.generate`` (its settings.json says which
+``--generations`` is a folder written by ``python -m dreamcache_core.evaluation.generate`` (its settings.json says which
 subject, prompt and reference each image has), or any folder in the DreamBench layout
 ``<subject>/<prompt index>_<n>.png`` (images of another method; prompts are then the shipped DreamBench
 prompts, and ``--dataset`` must give the real images).
@@ -41,7 +41,7 @@ def read_generations(folder: str, dataset: Optional[str] = None, unique_token: s
         with open(settings_path, encoding="utf-8") as handle:
             record = json.load(handle)
         if record.get("format") != SETTINGS_FORMAT:
-            raise ValueError(f"{settings_path} was not written by dreamcache_core.generate.")
+            raise ValueError(f"{settings_path} was not written by dreamcache_core.evaluation.generate.")
         images = [dict(item, file=os.path.join(folder, item["file"])) for item in record["images"]]
         references = {}
         for ref in record.get("references", []):
@@ -52,7 +52,7 @@ def read_generations(folder: str, dataset: Optional[str] = None, unique_token: s
             reference_image = (ref.get("reference_image") or {}).get("path")
             references[name] = {"real_images": real, "reference_image": reference_image}
         return {"images": images, "references": references, "settings": record.get("settings", {})}
-    from .data import dreambench_prompts, dreambench_subject
+    from ..data import dreambench_prompts, dreambench_subject
 
     if not dataset:
         raise ValueError(f"{folder} has no settings.json; for a folder in the DreamBench layout "
@@ -180,10 +180,10 @@ def format_table(result: dict, paper_bases=("sd15", "sd21")) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m dreamcache_core.evaluate",
+    p = argparse.ArgumentParser(prog="python -m dreamcache_core.evaluation.evaluate",
                                 description="DreamBench metrics (DINO, CLIP-I, CLIP-T, MDINO, MCLIP-I) of a "
                                             "generation folder, from local model folders (nothing downloads).")
-    p.add_argument("--generations", required=True, help="folder written by dreamcache_core.generate, or a "
+    p.add_argument("--generations", required=True, help="folder written by dreamcache_core.evaluation.generate, or a "
                                                         "DreamBench-layout folder <subject>/<prompt>_<n>.png")
     p.add_argument("--dino", help="local folder of DINO ViT-S/16 in transformers format (facebook/dino-vits16)")
     p.add_argument("--clip", help="local folder of CLIP ViT-B/32 in transformers format (openai/clip-vit-base-patch32)")

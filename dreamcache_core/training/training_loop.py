@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .adapter_io import load_adapter, save_adapter
+from ..io.adapter_io import load_adapter, save_adapter
 from .training_data import SampleDraw, draw_sample
 from .training_loss import LossRow, denoising_losses, gradient_checkpointing, sigma_of_timestep
 from .training_sources import null_reference_cache, reference_cache
@@ -119,8 +119,8 @@ class AdapterTrainer:
 
     def __init__(self, model_patcher, adapter, source, config: TrainConfig, distributed: Optional[DistributedInfo] = None,
                  attention=None, log: Callable[[str], None] = print):
-        from .adapter import check_adapter_fits
-        from .comfy_bridge import comfy_memory_attention
+        from ..method.adapter import check_adapter_fits
+        from ..comfy_bridge import comfy_memory_attention
 
         self.model = model_patcher
         self.unet = model_patcher.model.diffusion_model

@@ -1,0 +1,2 @@
+"""Measuring: headless generation, DreamBench metrics and evaluation, the speed and training-throughput
+benchmarks."""

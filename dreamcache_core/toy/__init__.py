@@ -1,0 +1,1 @@
+"""The CPU-sized world and benchmark that show training teaches the adapters to use the reference."""
