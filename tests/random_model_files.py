@@ -35,20 +35,12 @@ def model_cache_folder() -> Path:
     return folder
 
 
-def unet_config(family: str) -> dict:
+def model_config_of(family: str):
+    """ComfyUI's model config of the real ``family`` U-Net (the benchmark's configs), in float16."""
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import family_model_config
     from comfyui_dreamcache.dreamcache_core.evaluation.benchmark import SD15_UNET, SDXL_UNET
 
-    return dict({"sd15": SD15_UNET, "sdxl": SDXL_UNET}[family])
-
-
-def model_config_of(family: str):
-    import comfy.supported_models
-
-    config = unet_config(family)
-    config["dtype"] = torch.float16
-    model_config = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[family](config)
-    model_config.set_inference_dtype(torch.float16, None)
-    return model_config
+    return family_model_config(family, {"sd15": SD15_UNET, "sdxl": SDXL_UNET}[family], torch.float16)
 
 
 def checkpoint_layout(family: str) -> dict:

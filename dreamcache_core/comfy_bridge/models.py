@@ -146,7 +146,8 @@ def initialise_seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module
     return module
 
 
-def _family_config(family: str, unet_config: dict, dtype):
+def family_model_config(family: str, unet_config: dict, dtype):
+    """ComfyUI's model config (supported_models.SD15 / SDXL) of ``family`` for ``unet_config`` at ``dtype``."""
     import comfy.supported_models
 
     families = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}
@@ -159,7 +160,7 @@ def _family_config(family: str, unet_config: dict, dtype):
 
 def meta_unet(family: str, unet_config: dict):
     """``family``'s U-Net of ``unet_config`` on the meta device: shapes only, no memory (FLOP counting)."""
-    return _family_config(family, unet_config, torch.float32).get_model({}, device=torch.device("meta")).diffusion_model
+    return family_model_config(family, unet_config, torch.float32).get_model({}, device=torch.device("meta")).diffusion_model
 
 
 def random_model(family: str, unet_config: dict, seed: int = 0, dtype=torch.float32, device=None):
@@ -168,7 +169,7 @@ def random_model(family: str, unet_config: dict, seed: int = 0, dtype=torch.floa
     import comfy.model_patcher
 
     device = torch.device(device or "cpu")
-    model = _family_config(family, unet_config, dtype).get_model({}, device=device)
+    model = family_model_config(family, unet_config, dtype).get_model({}, device=device)
     initialise_seeded(model.diffusion_model, seed)
     model.diffusion_model.to(device=device, dtype=dtype)
     model.eval()
