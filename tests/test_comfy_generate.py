@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from comfyui_dreamcache.dreamcache_core.io.image_files import image_to_pil, save_png
 from tiny_models import ksample, text_conditioning, tiny_pipeline, tiny_sd15_model
 from run_as_comfyui import run_node
 
@@ -37,8 +38,8 @@ def setup(tmp_path_factory):
     reference = torch.rand(80, 72, 3, generator=generator)
     mask = torch.zeros(80, 72)
     mask[20:60, 16:56] = 1.0
-    generate.save_png(reference, str(folder / "reference.png"))
-    generate.save_png(mask, str(folder / "reference_mask.png"))
+    save_png(reference, str(folder / "reference.png"))
+    save_png(mask, str(folder / "reference_mask.png"))
     return {"generate": generate, "pipeline": tiny_pipeline(model), "model": model, "adapter": adapter,
             "adapter_path": adapter_path, "folder": folder}
 
@@ -122,7 +123,7 @@ def test_generation_from_a_saved_cache_is_the_stock_ksampler_path(setup, tmp_pat
     (personalised,) = run_node(DreamCacheApply, model, setup["adapter"], cache, 1.0, 0.0, 1.0, "positive only")
     samples = ksample(personalised, pipeline.encode_text("a toy"), pipeline.encode_text(""),
                       torch.zeros(1, 4, SIDE // 8, SIDE // 8), seed=11, steps=2, cfg=5.0)
-    expected = generate.image_to_pil(pipeline.decode(samples)[0])
+    expected = image_to_pil(pipeline.decode(samples)[0])
     assert torch.equal(generated, torch.from_numpy(np.asarray(expected).copy()))
 
     # the unpersonalised baseline differs
@@ -163,7 +164,7 @@ def test_generation_refuses_what_it_cannot_do(setup, tmp_path):
     with pytest.raises(ValueError, match="must be masked"):
         dataset = tmp_path / "dataset" / "dog"
         dataset.mkdir(parents=True)
-        generate.save_png(torch.rand(16, 16, 3), str(dataset / "00.jpg"))
+        save_png(torch.rand(16, 16, 3), str(dataset / "00.jpg"))
         generate.main(base_argv(setup, tmp_path / "x", "--dreambench", str(tmp_path / "dataset"), "--subjects", "dog",
                                 "--max-prompts", "1"), pipeline=setup["pipeline"])
 
@@ -172,12 +173,12 @@ def test_dreambench_protocol_on_one_subject(setup, tmp_path):
     generate = setup["generate"]
     dataset = tmp_path / "dataset"
     for index in range(2):
-        generate.save_png(torch.rand(48, 48, 3, generator=torch.Generator().manual_seed(index)),
+        save_png(torch.rand(48, 48, 3, generator=torch.Generator().manual_seed(index)),
                           str(dataset / "dog2" / f"{index:02d}.jpg"))
     masks = tmp_path / "masks"
     mask = torch.zeros(48, 48)
     mask[8:40, 12:36] = 1.0
-    generate.save_png(mask, str(masks / "dog2.png"))
+    save_png(mask, str(masks / "dog2.png"))
     out = tmp_path / "bench"
     record = generate.main(base_argv(setup, out, "--dreambench", str(dataset), "--subjects", "dog2",
                                      "--reference-masks", str(masks), "--max-prompts", "2", "--images-per-prompt", "2",

@@ -86,7 +86,7 @@ def test_grounded_sam_synthesis_trains_an_adapter_end_to_end(setup, tmp_path):
     from comfyui_dreamcache.dreamcache_core.training.synthesize import PROGRESS_FILE, run_synthesis
     from comfyui_dreamcache.dreamcache_core.masking.text_segmenter import GroundedSam
     from comfyui_dreamcache.dreamcache_core.training.train import main as train
-    from comfyui_dreamcache.dreamcache_core.training.training_data import load_image
+    from comfyui_dreamcache.dreamcache_core.io.image_files import load_image
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import (initialise_seeded, model_from_unet_config,
                                                                        save_unet_weights)
 
@@ -105,7 +105,8 @@ def test_grounded_sam_synthesis_trains_an_adapter_end_to_end(setup, tmp_path):
     assert [r["number"] for r in records] == [0, 1, 2, 3, 4]
     for record in records:
         shard = f"shard-{record['number'] // 3:05d}"
-        detection = segmenter(load_image(str(out / shard / "targets" / f"{record['id'][:8]}.png")), record["noun"])
+        detection = segmenter(load_image(str(out / shard / "targets" / f"{record['id'][:8]}.png"), transparency="white"),
+                              record["noun"])
         assert record["score"] == pytest.approx(detection.score, abs=1e-6) and 0.0 <= detection.score <= 1.0
         assert record["mask_fraction"] == pytest.approx(float((detection.mask >= 0.5).float().mean()), abs=1e-6)
 

@@ -31,7 +31,8 @@ def world(tmp_path_factory):
     from conftest import import_comfy
     import_comfy()
     from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.training.training_data import generator_for, read_manifest, save_image, write_manifest
+    from comfyui_dreamcache.dreamcache_core.io.image_files import save_png
+    from comfyui_dreamcache.dreamcache_core.training.training_data import generator_for, read_manifest, write_manifest
 
     root = tmp_path_factory.mktemp("toy_manifest")
     train, _ = tw.split_subjects()
@@ -41,9 +42,9 @@ def world(tmp_path_factory):
         generator = generator_for("test-toy", i)
         image, mask = tw.render(subject, generator)
         reference, reference_mask = tw.make_reference(image, mask, generator)
-        save_image(image, str(root / f"t{i}.png"))
-        save_image(reference, str(root / f"r{i}.png"))
-        save_image(reference_mask, str(root / f"r{i}_mask.png"))
+        save_png(image, str(root / f"t{i}.png"), quantize="round")
+        save_png(reference, str(root / f"r{i}.png"), quantize="round")
+        save_png(reference_mask, str(root / f"r{i}_mask.png"), quantize="round")
         rows.append({"target": f"t{i}.png", "reference": f"r{i}.png", "reference_mask": f"r{i}_mask.png",
                      "caption": tw.caption_of(subject), "id": str(i)})
     write_manifest(rows, str(root / "manifest.jsonl"))

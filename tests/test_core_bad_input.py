@@ -285,12 +285,13 @@ def test_dataset_cli_reports_a_missing_folder_in_one_line_with_exit_code_2(tmp_p
 
 def test_validate_warns_about_relative_paths_leaving_the_dataset_folder_and_keeps_absolute_ones(tmp_path, capsys):
     from comfyui_dreamcache.dreamcache_core.training.dataset import main
-    from comfyui_dreamcache.dreamcache_core.training.training_data import read_manifest, save_image
+    from comfyui_dreamcache.dreamcache_core.io.image_files import save_png
+    from comfyui_dreamcache.dreamcache_core.training.training_data import read_manifest
 
     image = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0))
     outside, data = tmp_path / "elsewhere", tmp_path / "data"
-    save_image(image, str(outside / "a.png"))
-    save_image(image, str(data / "inside.png"))
+    save_png(image, str(outside / "a.png"), quantize="round")
+    save_png(image, str(data / "inside.png"), quantize="round")
     rows = [{"target": "inside.png", "reference": "inside.png", "caption": "kept quietly"},
             {"target": str(outside / "a.png"), "reference": "inside.png", "caption": "absolute: allowed"},
             {"target": "inside.png", "reference": "../elsewhere/a.png", "caption": "escapes"},

@@ -7,9 +7,10 @@ import torch
 
 from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
 from comfyui_dreamcache.dreamcache_core.training.dataset import AugmentSettings, augment_reference, build_dataset, main
+from comfyui_dreamcache.dreamcache_core.io.image_files import load_image, load_mask, save_png
 from comfyui_dreamcache.dreamcache_core.training.training_data import (PrecomputedStore, PreparedSample, SpecialInputs,
                                                               draw_sample, generator_for, read_manifest, sample_index,
-                                                              save_image, write_manifest)
+                                                              write_manifest)
 
 
 def _subject_image(seed=0, size=32):
@@ -20,11 +21,11 @@ def _subject_image(seed=0, size=32):
 @pytest.fixture
 def files(tmp_path):
     image, mask = _subject_image()
-    save_image(image, str(tmp_path / "good.png"))
-    save_image(image, str(tmp_path / "ref.png"))
-    save_image(mask, str(tmp_path / "ref_mask.png"))
-    save_image(torch.zeros(32, 32), str(tmp_path / "empty_mask.png"))
-    save_image(torch.ones(16, 32), str(tmp_path / "wide_mask.png"))
+    save_png(image, str(tmp_path / "good.png"), quantize="round")
+    save_png(image, str(tmp_path / "ref.png"), quantize="round")
+    save_png(mask, str(tmp_path / "ref_mask.png"), quantize="round")
+    save_png(torch.zeros(32, 32), str(tmp_path / "empty_mask.png"), quantize="round")
+    save_png(torch.ones(16, 32), str(tmp_path / "wide_mask.png"), quantize="round")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     return tmp_path
 
@@ -111,16 +112,16 @@ def test_dataset_builder_writes_a_valid_manifest_and_reports_skips(tmp_path):
     images.mkdir()
     for i in range(3):
         image, mask = _subject_image(i)
-        save_image(image, str(images / f"p{i}.png"))
-        save_image(mask, str(images / f"p{i}_mask.png"))
+        save_png(image, str(images / f"p{i}.png"), quantize="round")
+        save_png(mask, str(images / f"p{i}_mask.png"), quantize="round")
     (images / "p0.txt").write_text("a thing on a table\n")
     (images / "captions.csv").write_text("file,caption\np1.png,a thing outdoors\np2.png,a thing indoors\n"
                                          "p3.png,no mask\np4.png,empty mask\np5.png,broken\n")
-    save_image(_subject_image(4)[0], str(images / "p3.png"))                       # no mask, no SAM
-    save_image(_subject_image(5)[0], str(images / "p4.png"))
-    save_image(torch.zeros(32, 32), str(images / "p4_mask.png"))                    # empty mask
+    save_png(_subject_image(4)[0], str(images / "p3.png"), quantize="round")                       # no mask, no SAM
+    save_png(_subject_image(5)[0], str(images / "p4.png"), quantize="round")
+    save_png(torch.zeros(32, 32), str(images / "p4_mask.png"), quantize="round")                    # empty mask
     (images / "p5.png").write_bytes(b"garbage")                                     # unreadable
-    save_image(_subject_image(6)[0], str(images / "p6.png"))                        # no caption
+    save_png(_subject_image(6)[0], str(images / "p6.png"), quantize="round")                        # no caption
     out = tmp_path / "data"
     report = build_dataset(str(images), str(out), str(images / "captions.csv"), reference_size=40,
                            references_per_image=2, log=lambda m: None)
@@ -135,8 +136,7 @@ def test_dataset_builder_writes_a_valid_manifest_and_reports_skips(tmp_path):
     manifest = read_manifest(str(out / "manifest.jsonl"))
     assert len(manifest.rows) == 6 and not manifest.skipped
     assert [r.caption for r in manifest.rows[:3]] == ["a thing on a table", "a thing on a table", "a thing outdoors"]
-    from comfyui_dreamcache.dreamcache_core.training.training_data import load_image, load_mask
-    reference = load_image(manifest.rows[0].reference)
+    reference = load_image(manifest.rows[0].reference, transparency="white")
     reference_mask = load_mask(manifest.rows[0].reference_mask)
     assert reference.shape == (40, 40, 3)
     assert bool((reference_mask >= 0.5).any())
@@ -144,14 +144,15 @@ def test_dataset_builder_writes_a_valid_manifest_and_reports_skips(tmp_path):
     # the same seed rebuilds the same references
     again = build_dataset(str(images), str(tmp_path / "again"), str(images / "captions.csv"), reference_size=40,
                           references_per_image=2, log=lambda m: None)
-    assert torch.equal(load_image(again.rows[1].reference), load_image(report.rows[1].reference))
+    assert torch.equal(load_image(again.rows[1].reference, transparency="white"),
+                       load_image(report.rows[1].reference, transparency="white"))
 
 
 def test_dataset_builder_uses_the_segmenter_when_no_mask_is_given(tmp_path):
     images = tmp_path / "photos"
     images.mkdir()
     image, mask = _subject_image(2)
-    save_image(image, str(images / "a.png"))
+    save_png(image, str(images / "a.png"), quantize="round")
     (images / "a.txt").write_text("a thing")
     calls = []
 

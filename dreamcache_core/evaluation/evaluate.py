@@ -29,7 +29,8 @@ from typing import Callable, Optional
 import torch
 
 from . import metrics
-from .generate import SETTINGS_FILE, SETTINGS_FORMAT, list_images, load_image, load_mask
+from ..io.image_files import list_images, load_image, load_mask
+from .generate import SETTINGS_FILE, SETTINGS_FORMAT
 
 FILE_PATTERN = re.compile(r"^(\d+)_(\d+)\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
 
@@ -95,7 +96,7 @@ class MaskSource:
     def __call__(self, path: str, image: torch.Tensor) -> Optional[torch.Tensor]:
         found = sibling_mask(path)
         if found:
-            return load_mask(found)[0]
+            return load_mask(found)
         if self.segmenter is not None:
             return self.segmenter(image[0])
         return None
@@ -124,8 +125,8 @@ def evaluate(generations: dict, dino=None, clip=None, against: str = "auto", mas
                 raise ValueError(f"No reference image recorded for subject '{subject or '(unnamed)'}' (a run from a "
                                  "saved cache): use --against real with --dataset.")
             real_paths = [ref["reference_image"]]
-        generated = [load_image(item["file"]) for item in items]
-        real = [load_image(path) for path in real_paths]
+        generated = [load_image(item["file"])[None] for item in items]
+        real = [load_image(path)[None] for path in real_paths]
         generated_masks = real_masks = None
         if masks is not None:
             generated_masks = [masks(item["file"], image) for item, image in zip(items, generated)]

@@ -51,72 +51,20 @@ from typing import Callable, Optional
 import torch
 
 from ..comfy_bridge.models import comfy_nodes_module
+from ..io.image_files import list_images, load_image, load_mask, save_png
 from ..method.injection import build_injection
 
 SETTINGS_FILE = "settings.json"
 SETTINGS_FORMAT = "dreamcache-generate"
 SETTINGS_VERSION = 1
 GUIDANCE_MODES = ("joint", "combined", "off")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # settings that describe where files go or how the run is logged, not what is generated
 NON_GENERATIVE = {"out", "replay", "skip_existing", "comfyui", "cpu", "quiet"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# images and files (plain torch + PIL)
+# files
 # ----------------------------------------------------------------------------------------------------------------
-
-def load_image(path: str) -> torch.Tensor:
-    """An image file as ComfyUI's IMAGE [1, H, W, C] float 0..1 (C = 4 when the file has transparency)."""
-    from PIL import Image, ImageOps
-    import numpy as np
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image not found: {path}")
-    with Image.open(path) as handle:
-        image = ImageOps.exif_transpose(handle)
-        has_alpha = image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info)
-        image = image.convert("RGBA" if has_alpha else "RGB")
-        array = np.asarray(image, dtype=np.float32) / 255.0
-    return torch.from_numpy(array.copy()).unsqueeze(0)
-
-
-def load_mask(path: str) -> torch.Tensor:
-    """A mask image as MASK [1, H, W] float 0..1, white = subject (the alpha channel if it has one, else luminance)."""
-    from PIL import Image
-    import numpy as np
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Mask not found: {path}")
-    with Image.open(path) as handle:
-        if handle.mode in ("RGBA", "LA"):
-            plane = handle.getchannel("A")
-        else:
-            plane = handle.convert("L")
-        array = np.asarray(plane, dtype=np.float32) / 255.0
-    return torch.from_numpy(array.copy()).unsqueeze(0)
-
-
-def image_to_pil(image: torch.Tensor):
-    """[H, W, 3] float 0..1 -> PIL image, with ComfyUI's SaveImage conversion (clip, truncate to uint8)."""
-    from PIL import Image
-    import numpy as np
-
-    array = np.clip(255.0 * image.detach().float().cpu().numpy(), 0, 255).astype(np.uint8)
-    if array.ndim == 2:
-        return Image.fromarray(array, mode="L")
-    return Image.fromarray(array)
-
-
-def save_png(image: torch.Tensor, path: str, text: Optional[dict] = None) -> None:
-    from PIL.PngImagePlugin import PngInfo
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    info = PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    image_to_pil(image).save(path, pnginfo=info, compress_level=4)
-
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
@@ -130,11 +78,6 @@ def describe_file(path: Optional[str]) -> Optional[dict]:
     if not path:
         return None
     return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
-
-
-def list_images(folder: str) -> list[str]:
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -449,8 +392,8 @@ def _generate_all(pipeline: Pipeline, settings: dict, out_dir: str, log: Callabl
                 cache = load_cache(job.cache)
                 reference_record.update(cache=describe_file(job.cache), reference_image=None)
             else:
-                mask = load_mask(job.reference_mask) if job.reference_mask else None
-                reference = prepare_reference(load_image(job.reference_image), settings["reference_size"], mask,
+                mask = load_mask(job.reference_mask)[None] if job.reference_mask else None
+                reference = prepare_reference(load_image(job.reference_image)[None], settings["reference_size"], mask,
                                               segmenter, allow_unmasked=not settings["dreambench"]
                                               or settings["unmasked_references"], source=job.reference_image)
                 if reference.mask_source == "none":

@@ -184,7 +184,7 @@ def accuracy(classifier, latents, shapes, colours):
 
 def save_grid(latents, path, columns=8):
     from . import toy_world as tw
-    from ..training.training_data import save_image
+    from ..io.image_files import save_png
 
     encoder = tw.ToyImageEncoder()
     images = [encoder.decode(latent) for latent in latents]
@@ -193,7 +193,7 @@ def save_grid(latents, path, columns=8):
     for k, image in enumerate(images):
         r, c = divmod(k, columns)
         grid[r * 34:r * 34 + 32, c * 34:c * 34 + 32] = image
-    save_image(grid, path)
+    save_png(grid, path, quantize="round")
 
 
 # --------------------------------------------------------------------------

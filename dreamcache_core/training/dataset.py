@@ -36,8 +36,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .training_data import (IMAGE_EXTENSIONS, ManifestRow, check_image_file, generator_for, load_image, load_mask,
-                            read_manifest, save_image, write_manifest)
+from ..io.image_files import IMAGE_EXTENSIONS, check_image_file, load_image, load_mask, save_png
+from .training_data import ManifestRow, generator_for, read_manifest, write_manifest
 
 
 # --------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def build_dataset(images_dir: str, out_dir: str, captions_csv: Optional[str] = N
         else:
             report.skipped.append((name, f"no caption ({stem}.txt beside it, or a row in --captions)"))
             continue
-        image = load_image(path)
+        image = load_image(path, transparency="white")
         mask_path = find_mask_beside(path, mask_suffix)
         if mask_path:
             problem = check_image_file(mask_path, "mask")
@@ -218,8 +218,8 @@ def add_references(report: BuildReport, target_path: str, image: torch.Tensor, m
             continue
         ref_path = os.path.join(reference_dir, f"{stem}_ref{k}.png")
         ref_mask_path = os.path.join(reference_dir, f"{stem}_ref{k}_mask.png")
-        save_image(ref_image, ref_path)
-        save_image(ref_mask, ref_mask_path)
+        save_png(ref_image, ref_path, quantize="round")
+        save_png(ref_mask, ref_mask_path, quantize="round")
         report.rows.append(ManifestRow(len(report.rows), 0, os.path.abspath(target_path), os.path.abspath(ref_path),
                                        caption, os.path.abspath(ref_mask_path), f"{stem}_ref{k}"))
         added += 1

@@ -144,7 +144,7 @@ def row_seed(settings: SynthesisSettings, number: int) -> int:
 # --------------------------------------------------------------------------
 
 def image_is_valid(path: str) -> bool:
-    from .training_data import check_image_file
+    from ..io.image_files import check_image_file
 
     return check_image_file(path, "image") is None
 
@@ -260,7 +260,7 @@ def target_path(shard_dir: str, number: int) -> str:
 
 
 def save_target(image: torch.Tensor, path: str, row: CaptionRow, seed: int) -> None:
-    from ..evaluation.generate import save_png
+    from ..io.image_files import save_png
 
     save_png(image, path, {"dreamcache": {"caption": row.caption, "noun": row.noun, "seed": seed,
                                           "row": row.number}})
@@ -361,7 +361,7 @@ def synthesize(captions_path: str, out_dir: str, render: Callable, segment: Call
         nonlocal new_rows
         if not pending:
             return
-        from .training_data import load_image
+        from ..io.image_files import load_image
 
         missing = [row for row in pending if not image_is_valid(target_path(state.dir, row.number))]
         if missing:
@@ -371,7 +371,7 @@ def synthesize(captions_path: str, out_dir: str, render: Callable, segment: Call
                 save_target(image, target_path(state.dir, row.number), row, seed)
             summary.rendered += len(missing)
         # segment and cut from the saved file (what the trainer reads), so a resumed row is the same
-        images = [load_image(target_path(state.dir, row.number)) for row in pending]
+        images = [load_image(target_path(state.dir, row.number), transparency="white") for row in pending]
         for row, image in zip(pending, images):
             outcome = row_outcome(row, image, segment(image, row.noun), state.dir, settings)
             state.record(outcome)

@@ -55,12 +55,13 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..io.image_files import check_image_file, load_mask
+
 MANIFEST_FIELDS = ("target", "reference", "reference_mask", "caption", "id")
 REQUIRED_FIELDS = ("target", "reference", "caption")
 STORE_FORMAT = "dreamcache-training-store"
 STORE_VERSION = "1"
 SAMPLES_PER_FOLDER = 1000  # precomputed samples per sub-folder of samples/
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------
@@ -113,60 +114,6 @@ class Manifest:
         lines += [f"  skipped {row}" for row in self.skipped]
         lines += [f"  warning {warning}" for warning in self.warnings]
         return "\n".join(lines)
-
-
-def load_image(path: str) -> torch.Tensor:
-    """An image file as float RGB [H, W, 3] in 0..1 (transparency composited onto white)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("RGB")
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        return data.view(image.size[1], image.size[0], 3).float() / 255.0
-
-
-def load_mask(path: str) -> torch.Tensor:
-    """A mask file as float [H, W] in 0..1 (white = subject); an RGBA file uses its alpha."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        if image.mode in ("RGBA", "LA"):
-            image = image.getchannel("A")
-        image = image.convert("L")
-        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        return data.view(image.size[1], image.size[0]).float() / 255.0
-
-
-def save_image(image: torch.Tensor, path: str) -> None:
-    """Save float [H, W, 3] (or [H, W] mask) in 0..1 as PNG."""
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    array = (image.detach().cpu().float().clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
-    Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB").save(path)
-
-
-def check_image_file(path: str, what: str) -> Optional[str]:
-    """None when ``path`` is a readable image, else the reason it is not."""
-    if not os.path.isfile(path):
-        return f"{what} file not found: {path}"
-    try:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            image.verify()
-        with Image.open(path) as image:
-            image.load()
-            if image.size[0] < 1 or image.size[1] < 1:
-                return f"{what} image is empty: {path}"
-    except Exception as error:  # PIL raises many types for broken files
-        return f"{what} image cannot be read ({type(error).__name__}: {error}): {path}"
-    return None
 
 
 def mask_problem(path: str, reference_size: Optional[tuple] = None) -> Optional[str]:

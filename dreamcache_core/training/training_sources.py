@@ -17,8 +17,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .training_data import (Manifest, PrecomputedStore, PreparedSample, SpecialInputs, encode_seed, load_image,
-                            load_mask, prepare_reference, resize_center_crop)
+from ..io.image_files import load_image, load_mask
+from .training_data import (Manifest, PrecomputedStore, PreparedSample, SpecialInputs, encode_seed, prepare_reference,
+                            resize_center_crop)
 
 NULL_REFERENCE_SEED = 2 ** 31 - 1  # Encode seed of the null (white) reference
 
@@ -74,9 +75,9 @@ class ManifestSource:
 
     def prepared(self, index: int) -> PreparedSample:
         row = self.manifest.rows[index]
-        target = resize_center_crop(load_image(row.target), self.resolution)
+        target = resize_center_crop(load_image(row.target, transparency="white"), self.resolution)
         mask = load_mask(row.reference_mask) if (row.reference_mask and self.use_masks) else None
-        reference, mask = prepare_reference(load_image(row.reference), mask, self.reference_resolution)
+        reference, mask = prepare_reference(load_image(row.reference, transparency="white"), mask, self.reference_resolution)
         cond, pooled = self.text_encoder(row.caption)
         return PreparedSample(self.image_encoder(target), self.image_encoder(reference), cond, pooled, mask,
                               None, row.caption)
