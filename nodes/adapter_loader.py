@@ -1,8 +1,9 @@
-"""Load DreamCache Adapter: a trained adapter file -> DREAMCACHE_ADAPTER."""
+"""Load DreamCache Adapter: a trained adapter file -> DREAMCACHE_ADAPTER, and a few lines saying what it is for."""
 import folder_paths
 from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.io.adapter_io import load_adapter
+from ..dreamcache_core.method.base_family import describe_adapter
 from .io_types import CATEGORY_LOADERS, Adapter
 from .model_folders import ADAPTER_FOLDER
 
@@ -14,21 +15,31 @@ class DreamCacheAdapterLoader(io.ComfyNode):
             node_id="DreamCacheAdapterLoader",
             display_name="Load DreamCache Adapter",
             category=CATEGORY_LOADERS,
-            description="Loads the trained DreamCache conditioning adapters (about 25M parameters for SD1.5/SD2.x).",
+            description="Loads the trained DreamCache conditioning adapters (about 25M parameters for SD1.5/SD2.x) "
+                        "and says which base model (SD1.5, SD2.x or SDXL) they were trained for.",
             inputs=[
                 io.Combo.Input("adapter_name", options=folder_paths.get_filename_list(ADAPTER_FOLDER),
                                tooltip="The DreamCache adapter: a .safetensors from this pack's training script or "
                                        "converter, or the authors' cross_attention-<step>.pt (read with weights_only). "
                                        "Files are listed from ComfyUI/models/dreamcache and the pack's models/ folder."),
             ],
-            outputs=[Adapter.Output(display_name="adapter",
-                                    tooltip="The conditioning adapters of the memory layers, for Apply DreamCache.")],
+            outputs=[
+                Adapter.Output(display_name="adapter",
+                               tooltip="The conditioning adapters of the memory layers, for Apply DreamCache."),
+                io.String.Output(display_name="info",
+                                 tooltip="What the adapter is for: its base model family (SD1.5, SD2.x, SDXL), text "
+                                         "width, memory layers (ComfyUI block names) and their widths, parameter "
+                                         "count, and whether it is an authors' checkpoint whose norms are folded "
+                                         "when applied. Show it with a text display node; sample with a checkpoint "
+                                         "of that family."),
+            ],
         )
 
     @classmethod
     def execute(cls, adapter_name):
         path = folder_paths.get_full_path_or_raise(ADAPTER_FOLDER, adapter_name)
-        return io.NodeOutput(load_adapter(path))
+        adapter = load_adapter(path)
+        return io.NodeOutput(adapter, describe_adapter(adapter))
 
 
 NODES = [DreamCacheAdapterLoader]

@@ -2,8 +2,9 @@
 from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.comfy_bridge import combined_guider
-from ..dreamcache_core.method.guidance import REFERENCE_CHUNKS
-from .apply import build_injection, control_text_problems, optional_control_inputs
+from ..dreamcache_core.method.controls import DEFAULT_LAYER_PRESET
+from ..dreamcache_core.method.guidance import REFERENCE_CHUNKS, UNCONDITIONAL
+from .apply import build_injections, control_text_problems, optional_control_inputs
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache
 from .widget_checks import validation_result, widget_problems
 
@@ -32,23 +33,36 @@ class DreamCacheGuider(io.ComfyNode):
                                tooltip="s_I: how strongly the reference subject is kept (authors: 5.0). Higher keeps "
                                        "more of the subject, lower edits more freely; equal to text_cfg it is the "
                                        "stock KSampler's joint guidance."),
-            ] + optional_control_inputs(with_schedule=False),
+            ] + optional_control_inputs(
+                with_schedule=False,
+                negative_tooltip="Optional negative reference N for the unconditional image branch: e(0,0) becomes "
+                                 "e(N,0), so image_cfg pushes from N towards the reference (e.g. Encode DreamCache of "
+                                 "a Reference Noise image, another subject, or Combine's negative_cache). Not "
+                                 "connected = no reference there, as before."),
             outputs=[io.Guider.Output(display_name="guider", tooltip="A guider for SamplerCustomAdvanced running the "
                                                                      "three predictions per step.")],
         )
 
     @classmethod
-    def validate_inputs(cls, text_cfg=None, image_cfg=None, reference_weights=None):
+    def validate_inputs(cls, text_cfg=None, image_cfg=None, reference_weights=None, frame_weights=None,
+                        layer_preset=None, reference_mode=None):
         """Checked when the prompt is queued (widget values only; linked inputs are checked when the node runs)."""
         problems = widget_problems(cls, {"text_cfg": text_cfg, "image_cfg": image_cfg})
-        return validation_result(problems + control_text_problems(reference_weights))
+        return validation_result(problems + control_text_problems(reference_weights, frame_weights=frame_weights,
+                                                                  layer_preset=layer_preset,
+                                                                  reference_mode=reference_mode))
 
     @classmethod
     def execute(cls, model, adapter, cache, positive, negative, text_cfg, image_cfg, attn_mask=None,
-                reference_mode="all references shared", reference_weights=""):
-        injection = build_injection(model, adapter, cache, 1.0, 0.0, 1.0, REFERENCE_CHUNKS, attn_mask, reference_mode,
-                                    reference_weights)
-        return io.NodeOutput(combined_guider(model, injection, positive, negative, text_cfg, image_cfg))
+                reference_mode="all references shared", reference_weights="", negative_cache=None,
+                layer_preset=DEFAULT_LAYER_PRESET, frame_weights=""):
+        injections = build_injections(model, adapter, cache, 1.0, 0.0, 1.0, REFERENCE_CHUNKS, attn_mask,
+                                      reference_mode, reference_weights, negative_cache=negative_cache,
+                                      negative_chunks=(UNCONDITIONAL,), layer_preset=layer_preset,
+                                      frame_weights=frame_weights)
+        negative_injection = injections[1] if len(injections) > 1 else None
+        return io.NodeOutput(combined_guider(model, injections[0], positive, negative, text_cfg, image_cfg,
+                                             negative_injection))
 
 
 NODES = [DreamCacheGuider]

@@ -12,8 +12,11 @@ import comfy.model_management
 from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.masking.reference_mask import (
+    CROP_POSITIONS,
+    DEFAULT_CROP_POSITION,
     DEFAULT_MARGIN,
     as_mask_batch,
+    check_crop_position,
     cut_subjects_on_white,
     image_alpha,
     image_to_rgb,
@@ -22,6 +25,7 @@ from ..dreamcache_core.masking.reference_mask import (
 from ..dreamcache_core.method.input_checks import check_finite_tensor
 from .io_types import CATEGORY_REFERENCE, SamModel
 from .sam_loader import as_sam_model
+from .widget_checks import text_problem, validation_result
 
 
 def warn_if_mask_looks_inverted(masks) -> None:
@@ -60,17 +64,34 @@ class DreamCacheMaskReference(io.ComfyNode):
                               tooltip="White (1) marks the subject. Resized to the image when sizes differ. Note: Load "
                                       "Image's MASK output is white where the PNG is transparent; for a cut-out PNG "
                                       "that is the background: put an Invert Mask node in between."),
+                io.Combo.Input("crop_position", options=list(CROP_POSITIONS), default=DEFAULT_CROP_POSITION,
+                               optional=True,
+                               tooltip="How a subject that is not square fills the square. pad: the whole subject "
+                                       "fits, white on its short side. center: the subject fills the square and the "
+                                       "middle of its long side is kept (the ends are cut off). top / bottom: keep "
+                                       "that end of a tall subject; left / right: keep that end of a wide subject. "
+                                       "A direction that does not apply (top or bottom on a wide subject, left or "
+                                       "right on a tall one) cuts both ends evenly, as center does."),
             ],
             outputs=[
                 io.Image.Output(display_name="image",
-                                tooltip="The subject centred on a white size x size square with a 10 % margin: the "
-                                        "reference for Encode DreamCache (through VAE Encode)."),
-                io.Mask.Output(display_name="mask", tooltip="The subject's mask on the same square (white = subject)."),
+                                tooltip="The subject centred on a white size x size square with a 10 % margin "
+                                        "(cropped as crop_position says): the reference for Encode DreamCache "
+                                        "(through VAE Encode)."),
+                io.Mask.Output(display_name="mask", tooltip="The subject's mask on the same square, with the same "
+                                                            "crop (white = subject)."),
             ],
         )
 
     @classmethod
-    def execute(cls, image, size, sam_model=None, mask=None):
+    def validate_inputs(cls, crop_position=None):
+        """Checked when the prompt is queued: ComfyUI does not check a V3 combo's value against its options
+        (a linked value is checked when the node runs)."""
+        return validation_result([text_problem(check_crop_position, crop_position, "crop_position")])
+
+    @classmethod
+    def execute(cls, image, size, sam_model=None, mask=None, crop_position=DEFAULT_CROP_POSITION):
+        crop_position = check_crop_position(DEFAULT_CROP_POSITION if crop_position is None else crop_position)
         if image.ndim == 3:
             image = image.unsqueeze(0)
         check_finite_tensor(image, "The Mask Reference image", "Check the node that made it (a NaN pixel spreads to "
@@ -91,7 +112,7 @@ class DreamCacheMaskReference(io.ComfyNode):
                 "with Load Image > Open in MaskEditor) or a SAM model (Load SAM Model (DreamCache)), or give an "
                 "image with a transparent background."
             )
-        reference, reference_mask = cut_subjects_on_white(image, subject_masks, size, DEFAULT_MARGIN)
+        reference, reference_mask = cut_subjects_on_white(image, subject_masks, size, DEFAULT_MARGIN, crop_position)
         device = comfy.model_management.intermediate_device()
         return io.NodeOutput(reference.to(device), reference_mask.to(device))
 

@@ -37,6 +37,14 @@ def text_problem(check, text, name: str):
     return None
 
 
+def choice_problem(value, choices, name: str):
+    """The message for a menu value that is not one of ``choices`` (ComfyUI 0.3.64 does not check a V3 node's
+    menu values when the prompt is queued); None when it is one, or not given."""
+    if value is None or value in choices:
+        return None
+    return f"{name}: {value!r} is not one of the choices {list(choices)}. Pick one from the menu."
+
+
 def validation_result(problems) -> object:
     """What validate_inputs returns: True, or every problem found, one per line."""
     found = [p for p in problems if p]

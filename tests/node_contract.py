@@ -6,23 +6,28 @@ order, name -> type, "COMBO" for a list of choices; optional inputs; output type
 CATEGORY = "DreamCache"
 
 NODE_CONTRACT = {
-    "DreamCacheAdapterLoader": ({"adapter_name": "COMBO"}, set(), ["DREAMCACHE_ADAPTER"]),
+    "DreamCacheAdapterLoader": ({"adapter_name": "COMBO"}, set(), ["DREAMCACHE_ADAPTER", "STRING"]),
     "DreamCacheSAMLoader": ({"model_name": "COMBO", "device": "COMBO"}, set(), ["SAM_MODEL"]),
     "DreamCacheMaskReference": ({"image": "IMAGE", "size": "INT"}, {"sam_model", "mask"}, ["IMAGE", "MASK"]),
     "DreamCacheEncode": ({"model": "MODEL", "reference": "LATENT", "conditioning": "CONDITIONING", "seed": "INT"},
-                         {"mask"}, ["DREAMCACHE"]),
+                         {"mask", "batch_size"}, ["DREAMCACHE"]),
     "DreamCacheApply": ({"model": "MODEL", "adapter": "DREAMCACHE_ADAPTER", "cache": "DREAMCACHE", "strength": "FLOAT",
                          "start_percent": "FLOAT", "end_percent": "FLOAT", "apply_to": "COMBO"},
                         {"attn_mask", "reference_mode", "reference_weights", "middle_weight", "decoder_weight",
-                         "layer_weights"}, ["MODEL"]),
+                         "layer_weights", "negative_cache", "layer_preset", "weight_schedule", "frame_weights"},
+                        ["MODEL"]),
     "DreamCacheSave": ({"cache": "DREAMCACHE", "filename_prefix": "STRING"}, set(), []),
     "DreamCacheLoad": ({"cache_name": "COMBO"}, set(), ["DREAMCACHE"]),
     # issue 4: combined guidance and several references
     "DreamCacheGuider": ({"model": "MODEL", "adapter": "DREAMCACHE_ADAPTER", "cache": "DREAMCACHE",
                           "positive": "CONDITIONING", "negative": "CONDITIONING", "text_cfg": "FLOAT",
-                          "image_cfg": "FLOAT"}, {"attn_mask", "reference_mode", "reference_weights"}, ["GUIDER"]),
+                          "image_cfg": "FLOAT"}, {"attn_mask", "reference_mode", "reference_weights", "negative_cache",
+                                                  "layer_preset", "frame_weights"}, ["GUIDER"]),
     "DreamCacheCombine": ({"cache_1": "DREAMCACHE", "cache_2": "DREAMCACHE", "weight_1": "FLOAT", "weight_2": "FLOAT"},
-                          set(), ["DREAMCACHE"]),
+                          {"cache_3", "cache_4", "weight_3", "weight_4", "mode"}, ["DREAMCACHE", "DREAMCACHE"]),
+    # issue 13: the negative reference's noise
+    "DreamCacheReferenceNoise": ({"image": "IMAGE", "mode": "COMBO", "strength": "FLOAT", "seed": "INT"}, {"mask"},
+                                 ["IMAGE"]),
 }
 NODE_IDS = frozenset(NODE_CONTRACT)
 

@@ -59,19 +59,23 @@ def type_name(spec) -> object:
     return kind if isinstance(kind, list) else str.__str__(kind) if isinstance(kind, str) else kind
 
 
-def check_widget_value(node_class, name, spec, value):
+def check_widget_value(node_class, name, spec, value, own_check=False):
     """ComfyUI's validate_inputs for one widget value (execution.py): type, min/max, the choices of a list-typed
-    combo (execution.py checks no others: a V3 Combo, typed "COMBO", is checked by the node when it runs)."""
+    combo (execution.py checks no others: a V3 Combo, typed "COMBO", is checked by the node when it runs).
+    ``own_check``: the node's validate function names this input, so ComfyUI leaves min/max and the choices
+    to it (the type conversion still happens)."""
     kind = type_name(spec)
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     where = f"{node_class.__name__}.{name}"
     if isinstance(kind, list):
-        if value not in kind:
+        if value not in kind and not own_check:
             raise ValueError(f"ComfyUI refuses the prompt: {where} = {value!r} is not among the choices {kind}")
     elif kind in ("INT", "FLOAT"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"ComfyUI refuses the prompt: {where} = {value!r} is not a number")
         value = int(value) if kind == "INT" else float(value)
+        if own_check:
+            return value
         if "min" in options and value < options["min"]:
             raise ValueError(f"ComfyUI refuses the prompt: {where} = {value} is below its minimum {options['min']}")
         if "max" in options and value > options["max"]:
@@ -104,16 +108,16 @@ def validate(node_class, inputs: dict) -> dict:
     missing = [name for name in declared["required"] if name not in inputs]
     if missing:
         raise ValueError(f"ComfyUI refuses the prompt: {node_class.__name__} misses required inputs {missing}")
+    function_name = validate_function_name(node_class)
+    validate_function = validation_function(node_class)
+    accepted = set() if validate_function is None else set(inspect.getfullargspec(validate_function).args)
     checked = {}
     for name, value in inputs.items():
         spec = declared["required"].get(name) or declared["optional"].get(name)
         kind = type_name(spec)
         is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-        checked[name] = check_widget_value(node_class, name, spec, value) if is_widget else value
-    function_name = validate_function_name(node_class)
-    validate_function = validation_function(node_class)
+        checked[name] = check_widget_value(node_class, name, spec, value, name in accepted) if is_widget else value
     if validate_function is not None:
-        accepted = set(inspect.getfullargspec(validate_function).args)
         wanted = {k: [v] for k, v in checked.items() if k in accepted}
         results = asyncio.run(execution._async_map_node_over_list(
             PROMPT_ID, "1", node_class, wanted, function_name))

@@ -24,7 +24,7 @@ def env():
     return {"model": setup["model"], "reference": reference, "cache": cache, "adapter": setup["trained"],
             "Apply": apply.DreamCacheApply, "Encode": encode.DreamCacheEncode, "Guider": guider.DreamCacheGuider,
             "Combine": combine.DreamCacheCombine, "Save": cache_files.DreamCacheSave,
-            "MaskReference": mask_reference.DreamCacheMaskReference, "build_injection": apply.build_injection}
+            "MaskReference": mask_reference.DreamCacheMaskReference, "build_injections": apply.build_injections}
 
 
 def encode(env, model):
@@ -139,11 +139,11 @@ def test_non_finite_values_arriving_through_links_fail_when_the_node_runs(env):
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import combined_guider
     from comfyui_dreamcache.dreamcache_core.method.guidance import REFERENCE_CHUNKS
 
-    build = env["build_injection"]
+    build = env["build_injections"]
     for name in ("strength", "start_percent", "end_percent", "middle_weight", "decoder_weight"):
         with pytest.raises(ValueError, match=f"{name} is nan, not a finite number"):
             build(env["model"], env["adapter"], env["cache"], **{name: NAN})
-    injection = build(env["model"], env["adapter"], env["cache"], chunks=REFERENCE_CHUNKS)
+    (injection,) = build(env["model"], env["adapter"], env["cache"], chunks=REFERENCE_CHUNKS)
     with pytest.raises(ValueError, match="image_cfg is inf, not a finite number"):
         combined_guider(env["model"], injection, text_conditioning(1), text_conditioning(2), 7.5, INF)
 

@@ -6,7 +6,7 @@ Skipped (with the reason) when COMFYUI_PATH is unset.
 import pytest
 import torch
 
-from tiny_models import sdxl_text_conditioning, text_conditioning, tiny_setup
+from tiny_models import sdxl_text_conditioning, text_conditioning, tiny_setup, tiny_setup_with_caches
 from run_as_comfyui import in_prompt, run_node
 
 pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
@@ -17,12 +17,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def sd15():
-    setup = tiny_setup()
-    from comfyui_dreamcache.nodes.encode import DreamCacheEncode
-    references = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    caches = [run_node(DreamCacheEncode, setup["model"], {"samples": references[i:i + 1]}, text_conditioning(0),
-                       seed=0)[0] for i in range(2)]
-    return dict(setup, caches=caches, positive=text_conditioning(1), negative=text_conditioning(2))
+    return tiny_setup_with_caches(2)
 
 
 class FixedNoise:
@@ -186,12 +181,13 @@ def test_one_image_combined_twice_equals_once_and_weight_errors(sd15):
     positive, negative = sd15["positive"], sd15["negative"]
     noise = noise_for()
     once = cfg_sample(apply(model, trained, cache), positive, negative, noise)
-    (twice,) = run_node(DreamCacheCombine, cache, cache, 0.3, 0.7)
+    twice, no_negative = run_node(DreamCacheCombine, cache, cache, 0.3, 0.7)
+    assert no_negative is None  # "union" makes no negative reference
     assert twice.num_references == 2
     assert_close(cfg_sample(apply(model, trained, twice), positive, negative, noise), once)
     reweighted = apply(model, trained, twice, reference_weights="0.9, 0.1")
     assert_close(cfg_sample(reweighted, positive, negative, noise), once)
-    (both,) = run_node(DreamCacheCombine, cache, sd15["caches"][1], 1.0, 1.0)
+    both, _ = run_node(DreamCacheCombine, cache, sd15["caches"][1], 1.0, 1.0)
     leaning = cfg_sample(apply(model, trained, both, reference_weights="1, 0"), positive, negative, noise)
     assert_close(leaning, once)
     mixed = cfg_sample(apply(model, trained, both), positive, negative, noise)

@@ -40,7 +40,7 @@ def check_types(node_class, outputs):
     from comfyui_dreamcache.dreamcache_core.method.cache import DreamCache
     import comfy.model_patcher
     expected = {"DREAMCACHE_ADAPTER": DreamCacheAdapter, "DREAMCACHE": DreamCache,
-                "MODEL": comfy.model_patcher.ModelPatcher, "IMAGE": torch.Tensor, "MASK": torch.Tensor}
+                "MODEL": comfy.model_patcher.ModelPatcher, "IMAGE": torch.Tensor, "MASK": torch.Tensor, "STRING": str}
     assert len(outputs) == len(node_class.RETURN_TYPES)
     for value, type_name in zip(outputs, node_class.RETURN_TYPES):
         assert isinstance(value, expected[type_name]), (node_class.__name__, type_name, type(value))
@@ -88,8 +88,8 @@ def test_loader_encode_apply_save_load_chain(env):
 
 
 def test_encode_of_several_references_reports_progress_once_for_one_pass(env):
-    """One U-Net pass for the batch (chunks of references would not be bit-identical to it): the bar over the
-    references is filled when the pass ends, and the cache holds every reference."""
+    """A batch within batch_size is one U-Net pass (bit-identical to encoding it whole): the bar over the
+    references is filled once, when the pass ends, and the cache holds every reference."""
     reference = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))}
     with recorded_progress() as reports:
         (cache,) = run_node(env["nodes"]["DreamCacheEncode"], env["model"], reference, text_conditioning(0), 3)
@@ -110,7 +110,7 @@ def test_nodes_of_one_prompt_sample_and_their_outputs_train_afterwards(env):
     from tiny_models import ksample
 
     nodes, model = env["nodes"], env["model"]
-    (adapter,) = run_node(nodes["DreamCacheAdapterLoader"], adapter_name="tiny_dreamcache.safetensors")
+    adapter, _ = run_node(nodes["DreamCacheAdapterLoader"], adapter_name="tiny_dreamcache.safetensors")
     reference = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
     (cache,) = run_node(nodes["DreamCacheEncode"], model, reference, text_conditioning(0), 3)
     (patched,) = run_node(nodes["DreamCacheApply"], model, adapter, cache, 1.0, 0.0, 1.0, "positive only")

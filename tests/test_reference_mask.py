@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from comfyui_dreamcache.dreamcache_core.masking.reference_mask import (
+    CROP_POSITIONS,
     DEFAULT_MARGIN,
     Box,
     EmptyMaskError,
@@ -91,6 +92,153 @@ def test_subject_square_geometry():
     assert square.width == square.height == 72
     assert square.centre == (30.0, 50.0)
     assert subject_square(Box(0, 0, 10, 10), margin=0.0) == Box(0, 0, 10, 10)
+
+
+# --------------------------------------------------------------------------
+# Crop positions: fill the square with a subject that is not square
+# --------------------------------------------------------------------------
+
+def striped_scene(box, height=100, width=100, scale=100):
+    """Every pixel's colour says where it was: red = row / scale, green = column / scale, blue = 0.5."""
+    rows = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width) / scale
+    columns = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width) / scale
+    image = torch.stack([rows, columns, torch.full((height, width), 0.5)], dim=-1)
+    mask = torch.zeros(height, width)
+    mask[box.top:box.bottom, box.left:box.right] = 1.0
+    return image, mask
+
+
+def expected_cut(image, mask, rows, columns):
+    """The subject on white, cropped to ``rows`` x ``columns`` (slices), without resampling."""
+    crop_mask = mask[rows, columns]
+    return torch.where(crop_mask[..., None] > 0, image[rows, columns], torch.ones(())), crop_mask
+
+
+TALL = Box(45, 30, 55, 70)  # 10 wide, 40 high: rows 30..69, columns 45..54
+WIDE = Box(30, 45, 70, 55)  # 40 wide, 10 high
+# (subject, position) -> (rows, columns) the output square shows; margin 0, so the square is the 10 px short side.
+CROPS_WITHOUT_MARGIN = {
+    (TALL, "center"): (slice(45, 55), slice(45, 55)),  # 15 rows cut at either end
+    (TALL, "top"): (slice(30, 40), slice(45, 55)),
+    (TALL, "bottom"): (slice(60, 70), slice(45, 55)),
+    (TALL, "left"): (slice(45, 55), slice(45, 55)),  # not a tall subject's direction: as center
+    (TALL, "right"): (slice(45, 55), slice(45, 55)),
+    (WIDE, "center"): (slice(45, 55), slice(45, 55)),
+    (WIDE, "left"): (slice(45, 55), slice(30, 40)),
+    (WIDE, "right"): (slice(45, 55), slice(60, 70)),
+    (WIDE, "top"): (slice(45, 55), slice(45, 55)),  # not a wide subject's direction: as center
+    (WIDE, "bottom"): (slice(45, 55), slice(45, 55)),
+}
+# The same with margin 0.1: ceil(0.1 * 10) = 1 px on each side, a 12 px square (a white row or column beyond
+# each edge of the subject it reaches); and how many of its pixels are subject.
+CROPS_WITH_MARGIN = {
+    (TALL, "center"): (slice(44, 56), slice(44, 56), 12 * 10),  # 14 rows cut at either end
+    (TALL, "top"): (slice(29, 41), slice(44, 56), 11 * 10),  # one white row above the top
+    (TALL, "bottom"): (slice(59, 71), slice(44, 56), 11 * 10),
+    (TALL, "left"): (slice(44, 56), slice(44, 56), 12 * 10),
+    (WIDE, "right"): (slice(44, 56), slice(59, 71), 11 * 10),
+    (WIDE, "left"): (slice(44, 56), slice(29, 41), 11 * 10),
+    (WIDE, "bottom"): (slice(44, 56), slice(44, 56), 12 * 10),
+}
+
+
+def crop_id(key):
+    subject, position = key
+    return f"{'tall' if subject == TALL else 'wide'}-{position}"
+
+
+@pytest.mark.parametrize("subject, position", list(CROPS_WITHOUT_MARGIN), ids=map(crop_id, CROPS_WITHOUT_MARGIN))
+def test_crop_position_keeps_the_expected_part_of_the_subject(subject, position):
+    image, mask = striped_scene(subject)
+    rows, columns = CROPS_WITHOUT_MARGIN[subject, position]
+    out_image, out_mask = cut_subject_on_white(image, mask, 10, margin=0.0, position=position)
+    expected_image, expected_mask = expected_cut(image, mask, rows, columns)
+    assert torch.equal(out_mask, torch.ones(10, 10)), "the subject fills the square"
+    assert torch.equal(expected_mask, torch.ones(10, 10))
+    assert torch.equal(out_image, expected_image)
+    assert subject_square(subject, 0.0, position) == Box(columns.start, rows.start, columns.stop, rows.stop)
+
+
+@pytest.mark.parametrize("subject, position", list(CROPS_WITH_MARGIN), ids=map(crop_id, CROPS_WITH_MARGIN))
+def test_crop_position_margin_is_measured_on_the_short_side(subject, position):
+    image, mask = striped_scene(subject)
+    rows, columns, subject_pixels = CROPS_WITH_MARGIN[subject, position]
+    out_image, out_mask = cut_subject_on_white(image, mask, 12, margin=0.1, position=position)
+    expected_image, expected_mask = expected_cut(image, mask, rows, columns)
+    assert torch.equal(out_mask, expected_mask)  # the mask follows the same crop
+    assert torch.equal(out_image, expected_image)
+    assert int(out_mask.sum()) == subject_pixels
+    assert torch.equal(cut_subjects_on_white(image[None], mask, 12, 0.1, position)[0][0], out_image)
+
+
+def test_crop_position_pad_is_the_old_square_exactly():
+    for subject in (TALL, WIDE, Box(10, 20, 50, 80)):
+        image, mask = striped_scene(subject)
+        for size in (10, 64, 37):
+            default = cut_subject_on_white(image, mask, size)
+            padded = cut_subject_on_white(image, mask, size, DEFAULT_MARGIN, "pad")
+            assert torch.equal(default[0], padded[0]) and torch.equal(default[1], padded[1])
+        assert subject_square(subject, DEFAULT_MARGIN, "pad") == subject_square(subject, DEFAULT_MARGIN)
+    # The tall subject padded: 40 px side, all 40 rows, white columns 30..44 and 55..69 beside it.
+    image, mask = striped_scene(TALL)
+    out_image, out_mask = cut_subject_on_white(image, mask, 40, margin=0.0)
+    expected_image, expected_mask = expected_cut(image, mask, slice(30, 70), slice(30, 70))
+    assert torch.equal(out_image, expected_image) and torch.equal(out_mask, expected_mask)
+    batch_image, batch_mask = cut_subjects_on_white(image[None], mask, 40, 0.0, "pad")
+    assert torch.equal(batch_image[0], out_image) and torch.equal(batch_mask[0], out_mask)
+
+
+@pytest.mark.parametrize("position", CROP_POSITIONS)
+def test_crop_positions_resampled_keep_solid_subject_and_exact_white(position):
+    for tall, subject in ((True, Box(100, 20, 140, 180)), (False, Box(60, 80, 260, 120))):  # 40 x 160, 200 x 40
+        image, mask = scene(box=subject)
+        out_image, out_mask = cut_subject_on_white(image, mask, 64, position=position)
+        assert out_image.shape == (64, 64, 3) and out_mask.shape == (64, 64)
+        # image = subject * mask + white * (1 - mask); exactly white where the mask is 0
+        expected = out_mask[..., None] * RED + (1 - out_mask[..., None])
+        torch.testing.assert_close(out_image, expected, atol=1e-5, rtol=0)
+        assert torch.all(out_image[out_mask == 0] == 1.0) and (out_mask == 0).any()
+        torch.testing.assert_close(out_image[out_mask == 1], RED.expand(int((out_mask == 1).sum()), 3), atol=1e-6, rtol=0)
+        box = mask_bounding_box(out_mask)
+        long_span, short_span = (box.height, box.width) if tall else (box.width, box.height)
+        if position == "pad":  # the long side spans 1 / 1.2 of the square, the short one a quarter / a fifth of that
+            assert abs(long_span - 64 / 1.2) <= 2 and abs(short_span - long_span * (40 / 160 if tall else 40 / 200)) <= 2
+            continue
+        # the short side spans 1 / 1.2 of the square; the long side is cut where the square ends
+        assert abs(short_span - 64 / 1.2) <= 2
+        kept_end = position in (("top", "bottom") if tall else ("left", "right"))
+        if kept_end:  # the kept end has its margin (64 / 12 px), the cut end touches the square's edge
+            assert abs(long_span - 64 * 11 / 12) <= 1
+            edge = {"top": box.bottom, "bottom": 64 - box.top, "left": box.right, "right": 64 - box.left}[position]
+            assert edge == 64
+        else:  # cut at both ends
+            assert long_span == 64
+        inner = out_mask[box.top + 2:box.bottom - 2, box.left + 2:box.right - 2]
+        assert inner.numel() > 0 and torch.all(inner == 1.0), "solid subject stays exactly 1"
+        _, full_mask = cut_subject_on_white(image, mask, 64, margin=0.0, position=position)
+        assert torch.equal(full_mask, torch.ones(64, 64)), "without a margin the subject covers the whole square"
+
+
+def test_crop_position_top_keeps_the_top_rows_after_resampling():
+    image, mask = striped_scene(TALL)
+    top_image, _ = cut_subject_on_white(image, mask, 40, margin=0.0, position="top")
+    bottom_image, _ = cut_subject_on_white(image, mask, 40, margin=0.0, position="bottom")
+    # Rows 30..39 scaled 4x: red (row / 100) rises from about 0.30 to 0.39; bottom rows 60..69.
+    assert 0.295 <= float(top_image[..., 0].min()) and float(top_image[..., 0].max()) <= 0.395
+    assert 0.595 <= float(bottom_image[..., 0].min()) and float(bottom_image[..., 0].max()) <= 0.695
+    torch.testing.assert_close(top_image[:, :, 0].mean(), torch.tensor(0.345), atol=1e-3, rtol=0)
+
+
+def test_bad_crop_position_is_an_error_naming_the_choices():
+    image, mask = striped_scene(TALL)
+    choices = "'pad', 'center', 'top', 'bottom', 'left', 'right'"
+    for bad in ("middle", "Top", "", None):
+        with pytest.raises(ValueError, match="Choose one of " + choices):
+            cut_subject_on_white(image, mask, 16, position=bad)
+    with pytest.raises(ValueError, match="Choose one of " + choices):
+        cut_subjects_on_white(image[None], mask, 16, DEFAULT_MARGIN, "middle")
+    with pytest.raises(ValueError, match="'middle'"):
+        subject_square(TALL, 0.1, "middle")
 
 
 def test_all_foreground_mask_keeps_the_whole_photo():
@@ -291,6 +439,12 @@ def test_mask_reference_node_declaration(comfy):
     assert size_type == "INT"
     assert (size_options["default"], size_options["min"], size_options["max"], size_options["step"]) == (512, 64, 2048, 8)
     assert inputs["optional"]["sam_model"][0] == "SAM_MODEL" and inputs["optional"]["mask"][0] == "MASK"
+    # crop_position: optional and last, so workflows saved before it load unchanged
+    assert list(inputs["optional"]) == ["sam_model", "mask", "crop_position"]
+    crop_type, crop_options = inputs["optional"]["crop_position"]
+    assert crop_type == "COMBO" and crop_options["options"] == ["pad", "center", "top", "bottom", "left", "right"]
+    assert crop_options["default"] == "pad"
+    assert all(name in crop_options["tooltip"] for name in CROP_POSITIONS)
     for section in inputs.values():
         for name, (_, options) in section.items():
             assert options.get("tooltip"), f"{name} has no tooltip"
@@ -330,3 +484,39 @@ def test_mask_reference_node_errors_say_what_to_do(comfy, caplog):
     with caplog.at_level(logging.WARNING):
         run_mask_reference(image=image[None], size=128, mask=1.0 - mask[None])
     assert "Invert Mask" in caplog.text
+
+
+@pytest.mark.comfy
+def test_mask_reference_node_crop_position_top(comfy):
+    # A 52 x 120 subject: the node's 10 % margin on the short side is ceil(5.2) = 6 px, so the square is
+    # 52 + 2 * 6 = 64 px, the output size: no resampling, the crop is exact. "top" keeps rows 34..97
+    # (6 white rows above the subject's top row 40) and columns 94..157 (6 white columns either side).
+    subject = Box(100, 40, 152, 160)
+    image, mask = striped_scene(subject, height=200, width=300, scale=300)
+    out_image, out_mask = run_mask_reference(image=image[None], size=64, mask=mask[None], crop_position="top")
+    assert out_image.shape == (1, 64, 64, 3) and out_mask.shape == (1, 64, 64)
+    expected_image, expected_mask = expected_cut(image, mask, slice(34, 98), slice(94, 158))
+    assert torch.equal(out_mask[0], expected_mask) and torch.equal(out_image[0], expected_image)
+    assert torch.all(out_mask[0, :6] == 0) and torch.all(out_mask[0, 6:, 6:58] == 1)
+    assert torch.all(out_image[0, :6] == 1.0)
+    torch.testing.assert_close(out_image[0, 6, 6], torch.tensor([40 / 300, 100 / 300, 0.5]))  # the subject's corner
+    # Leaving it out is "pad": the same as the default cut-out.
+    padded, _ = run_mask_reference(image=image[None], size=64, mask=mask[None])
+    assert torch.equal(padded[0], cut_subject_on_white(image, mask, 64)[0])
+    assert not torch.equal(padded[0], out_image[0])
+
+
+@pytest.mark.comfy
+def test_mask_reference_node_rejects_an_unknown_crop_position(comfy):
+    from comfyui_dreamcache.nodes.mask_reference import DreamCacheMaskReference
+    image, mask = scene()
+    choices = "'pad', 'center', 'top', 'bottom', 'left', 'right'"
+    # When the prompt is queued (a widget value) ...
+    with pytest.raises(ValueError, match=r"ComfyUI refuses the prompt: .*crop_position: .*'middle'.*Choose one of "
+                                         + choices):
+        run_mask_reference(image=image[None], size=128, mask=mask[None], crop_position="middle")
+    assert DreamCacheMaskReference.validate_inputs(crop_position="center") is True
+    assert DreamCacheMaskReference.validate_inputs() is True
+    # ... and when the node runs (a linked value is not checked at queue time).
+    with pytest.raises(ValueError, match="Choose one of " + choices):
+        DreamCacheMaskReference.execute(image=image[None], size=128, mask=mask[None], crop_position="Top")

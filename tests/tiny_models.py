@@ -88,3 +88,16 @@ def tiny_setup(family: str = "sd15", model_seed: int = 0, adapter_seed: int = 7)
     specs = discover_memory_layers(unet)
     return {"model": model, "unet": unet, "specs": specs, "fresh": build_adapter(specs, model_signature(unet)),
             "trained": build_adapter(specs, model_signature(unet)).randomize_(seed=adapter_seed, scale=0.5)}
+
+
+def tiny_setup_with_caches(references: int = 2, family: str = "sd15") -> dict:
+    """``tiny_setup`` plus ``references`` one-reference caches (Encode DreamCache run as ComfyUI runs it, on seeded
+    random latents) and a positive / negative text conditioning."""
+    from comfyui_dreamcache.nodes.encode import DreamCacheEncode
+    from run_as_comfyui import run_node
+
+    setup = tiny_setup(family)
+    latents = torch.randn(references, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    caches = [run_node(DreamCacheEncode, setup["model"], {"samples": latents[i:i + 1]}, text_conditioning(0),
+                       seed=0)[0] for i in range(references)]
+    return dict(setup, caches=caches, positive=text_conditioning(1), negative=text_conditioning(2))

@@ -12,7 +12,8 @@ def combined_guider_class():
     The guider's MODEL carries an injection restricted to ``guidance.REFERENCE_CHUNKS``; per step it runs
     ONE ``calc_cond_batch`` over [positive, negative, negative] = [e(I,T), e(I,0), e(0,0)] (ComfyUI batches
     the three chunks into one U-Net call when memory allows; the reference reaches chunks 0 and 1 only) and
-    combines them with ``guidance.combined_guidance``. Predictions the scales make redundant are skipped
+    combines them with ``guidance.combined_guidance``. With a negative reference, a second injection puts it
+    into chunk 2, so e(0,0) becomes e(N,0) (N the negative reference, steered away from). Predictions the scales make redundant are skipped
     unless the model options set ``disable_cfg1_optimization``. Post-CFG hooks on the model still run.
     """
     global _GUIDER_CLASS
@@ -57,10 +58,12 @@ def combined_guider_class():
     return _GUIDER_CLASS
 
 
-def combined_guider(model_patcher, injection, positive, negative, text_cfg: float = 7.5, image_cfg: float = 5.0):
+def combined_guider(model_patcher, injection, positive, negative, text_cfg: float = 7.5, image_cfg: float = 5.0,
+                    negative_injection=None):
     """A GUIDER for SamplerCustomAdvanced: a clone of ``model_patcher`` carrying ``injection`` (which must target
-    ``guidance.REFERENCE_CHUNKS``), with DreamCache's combined guidance over ``positive``/``negative``."""
-    from ..method.guidance import REFERENCE_CHUNKS
+    ``guidance.REFERENCE_CHUNKS``), with DreamCache's combined guidance over ``positive``/``negative``;
+    ``negative_injection`` (targeting ``guidance.UNCONDITIONAL`` only) puts a negative reference into e(0,0)."""
+    from ..method.guidance import REFERENCE_CHUNKS, UNCONDITIONAL
     from ..method.patch import attach_injection
 
     text_cfg = check_number(text_cfg, "text_cfg", advice="The authors use 7.5.")
@@ -69,7 +72,12 @@ def combined_guider(model_patcher, injection, positive, negative, text_cfg: floa
     if injection.chunks != frozenset(REFERENCE_CHUNKS):
         raise ValueError(f"The combined guider's injection must target chunks {REFERENCE_CHUNKS}, "
                          f"not {sorted(injection.chunks) if injection.chunks is not None else 'all'}.")
-    guider = combined_guider_class()(attach_injection(model_patcher.clone(), injection))
+    patched = attach_injection(model_patcher.clone(), injection)
+    if negative_injection is not None:
+        if negative_injection.chunks != frozenset([UNCONDITIONAL]):
+            raise ValueError(f"The combined guider's negative reference must target chunk {UNCONDITIONAL} only.")
+        attach_injection(patched, negative_injection)
+    guider = combined_guider_class()(patched)
     guider.set_conds(positive, negative)
     guider.set_cfg(text_cfg, image_cfg)
     return guider

@@ -1,7 +1,7 @@
 """Encode DreamCache: one U-Net pass at t = 1 on the reference, the memory layers' inputs kept."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -20,12 +20,19 @@ def encode_sigma(model_patcher) -> float:
 
 
 def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning, seed: int,
-                     mask: Optional[torch.Tensor] = None) -> DreamCache:
+                     mask: Optional[torch.Tensor] = None, batch_size: Optional[int] = None,
+                     on_pass: Optional[Callable[[int, int], None]] = None) -> DreamCache:
     """One U-Net pass at t = 1 on the reference latent(s) through ComfyUI's own sampling machinery.
 
     The model is placed by ComfyUI's memory manager and keeps every patch it carries (LoRAs, wrappers);
     ``conditioning`` is a ComfyUI CONDITIONING (typically the empty or negative prompt). Returns the
     cache of the memory layers' inputs; ``mask`` [N or 1, H, W] drops background tokens.
+
+    ``batch_size`` bounds the references per pass (None = all in one pass): many references (the frames of an
+    animation) are encoded in passes of that many, each reference noised exactly as in one pass (the noise of
+    the whole batch is drawn from ``seed`` first), their features moved to the CPU after each pass. Features
+    of a split batch match one pass to the U-Net kernels' rounding for another batch size (not bit for bit).
+    ``on_pass(done, total)`` is called after each pass with the references encoded so far.
     """
     import comfy.sample
 
@@ -48,8 +55,19 @@ def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning
     sigma = encode_sigma(model_patcher)
     noise = comfy.sample.prepare_noise(latent, seed)
     unet = model_patcher.model.diffusion_model
-    features = capture_memory_inputs(
-        unet, lambda: single_model_pass(model_patcher, latent, noise, conditioning, torch.tensor([sigma]), seed))
+    total = int(latent.shape[0])
+    step = total if not batch_size else int(batch_size)
+    if step < 1:
+        raise ValueError(f"batch_size must be at least 1 (references per U-Net pass), got {batch_size}.")
+    parts = []
+    for start in range(0, total, step):
+        rows = slice(start, min(start + step, total))
+        parts.append({k: v.cpu() for k, v in capture_memory_inputs(
+            unet, lambda: single_model_pass(model_patcher, latent[rows], noise[rows], conditioning,
+                                            torch.tensor([sigma]), seed)).items()})
+        if on_pass is not None:
+            on_pass(rows.stop, total)
+    features = parts[0] if len(parts) == 1 else {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
     metadata = {
         "latent_size": [int(latent.shape[2]), int(latent.shape[3])],
         "seed": int(seed),
@@ -57,7 +75,7 @@ def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning
         "sigma": sigma,
         "num_references": int(latent.shape[0]),
     }
-    return cache_from_features(unet, {k: v.cpu() for k, v in features.items()}, mask, metadata)
+    return cache_from_features(unet, features, mask, metadata)
 
 
 def without_dreamcache_patches(model_patcher):

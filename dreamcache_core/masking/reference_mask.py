@@ -10,7 +10,9 @@ does that cut-out in plain torch (no ComfyUI import):
 * ``cut_subject_on_white`` composites one subject over white, crops a square
   centred on it with a margin, pads with white where that square leaves the
   photo and resizes it to ``size x size``; ``cut_subjects_on_white`` does the
-  same for a batch.
+  same for a batch.  The crop position (``CROP_POSITIONS``) says how a subject
+  that is not square is fitted: "pad" (default) keeps all of it, the others
+  fill the square with it and cut off part of its long side.
 * ``find_salient_subject`` / ``central_salient_box`` choose a prompt (a box
   and a point) for the most salient central object without any model, and
   ``pick_best_mask`` chooses among SAM's candidate masks.  The SAM side lives in
@@ -47,6 +49,14 @@ FOREGROUND_THRESHOLD = 0.5
 #: Default free space around the subject, as a fraction of its longest side,
 #: on each side of the square crop (0.1: the subject spans 1 / 1.2 of it).
 DEFAULT_MARGIN = 0.1
+#: How a subject that is not square fills the square: "pad" keeps the whole
+#: subject (side = its longest side, white on the short side); the others use
+#: its shortest side, so it fills the square, and cut off the part of the long
+#: side that does not fit: "center" keeps the middle, "top"/"bottom" that end
+#: of a tall subject, "left"/"right" that end of a wide one.  A direction
+#: across the long axis ("top" on a wide subject) cuts as "center" does.
+CROP_POSITIONS = ("pad", "center", "top", "bottom", "left", "right")
+DEFAULT_CROP_POSITION = "pad"
 #: Longest side of the thumbnail the saliency search works on.
 SALIENCY_WORKING_SIZE = 128
 #: Smallest colour distance to the background (RGB Euclidean / sqrt(3), so
@@ -202,14 +212,56 @@ def mask_is_empty(mask: torch.Tensor, threshold: float = FOREGROUND_THRESHOLD) -
 # Cutting the subject out onto a white square
 # --------------------------------------------------------------------------
 
-def subject_square(subject: Box, margin: float) -> Box:
-    """The square crop around ``subject``: its longest side plus ``margin`` of
-    it on each side, centred on the subject (to the nearest pixel).  It may
-    extend beyond the image."""
-    longest = max(subject.width, subject.height)
-    side = longest + 2 * int(math.ceil(margin * longest))
-    left = subject.left - (side - subject.width) // 2
-    top = subject.top - (side - subject.height) // 2
+def check_crop_position(position: str) -> str:
+    """Return ``position`` if it is one of ``CROP_POSITIONS``, else raise a ValueError naming them."""
+    if not isinstance(position, str) or position not in CROP_POSITIONS:
+        raise ValueError(
+            f"The crop position is {position!r}, which is not a crop position. Choose one of "
+            f"{', '.join(repr(name) for name in CROP_POSITIONS)}."
+        )
+    return position
+
+
+def _square_start(start: int, length: int, side: int, margin_px: int, keep: str) -> int:
+    """Where a square of ``side`` starts on one axis holding the subject span ``[start, start + length)``.
+
+    ``keep`` is "center", "start" or "end".  A side at least ``length`` holds
+    the whole span, centred (to the nearest pixel, any odd pixel after it);
+    a shorter side cuts the span: "center" keeps its middle (the odd pixel cut
+    before it), "start"/"end" keep that end with ``margin_px`` of space beyond it.
+    """
+    if side >= length or keep == "center":
+        return start - (side - length) // 2
+    if keep == "start":
+        return start - margin_px
+    return start + length + margin_px - side
+
+
+def subject_square(subject: Box, margin: float, position: str = DEFAULT_CROP_POSITION) -> Box:
+    """The square crop around ``subject``; it may extend beyond the image.
+
+    "pad" (the default): its longest side plus ``ceil(margin * longest)`` on
+    each side, centred on the subject (to the nearest pixel), so the whole
+    subject fits.  Any other of ``CROP_POSITIONS``: its *shortest* side plus
+    ``ceil(margin * shortest)`` on each side, so the subject fills the square;
+    across the short axis it is centred as for "pad", along the long axis the
+    part that does not fit is cut: "center" keeps the middle, "top"/"bottom"
+    keep that end of a tall subject and "left"/"right" that end of a wide one
+    (with the margin beyond the kept edge).  A direction that does not apply
+    ("top"/"bottom" on a wide subject, "left"/"right" on a tall one) cuts as
+    "center" does; a square subject gets the same square for every position,
+    and so does a subject whose long side fits in the square with its margin
+    (nothing to cut: it is centred).
+    """
+    check_crop_position(position)
+    width, height = subject.width, subject.height
+    reference = max(width, height) if position == "pad" else min(width, height)
+    margin_px = int(math.ceil(margin * reference))
+    side = reference + 2 * margin_px
+    keep_x = {"left": "start", "right": "end"}.get(position, "center") if width > height else "center"
+    keep_y = {"top": "start", "bottom": "end"}.get(position, "center") if height > width else "center"
+    left = _square_start(subject.left, width, side, margin_px, keep_x)
+    top = _square_start(subject.top, height, side, margin_px, keep_y)
     return Box(left, top, left + side, top + side)
 
 
@@ -225,6 +277,7 @@ def cut_subject_on_white(
     mask: torch.Tensor,
     size: int,
     margin: float = DEFAULT_MARGIN,
+    position: str = DEFAULT_CROP_POSITION,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cut the subject out of one image onto a white ``size x size`` square.
 
@@ -233,12 +286,16 @@ def cut_subject_on_white(
         mask: ``[H, W]`` float in 0..1, 1 = subject; soft values blend.
         size: side of the output square in pixels.
         margin: free space around the subject on each side, as a fraction of
-            the subject's longest side.
+            the subject's longest side ("pad") or shortest side (the others).
+        position: one of ``CROP_POSITIONS`` (see ``subject_square``): "pad"
+            keeps the whole subject, the others fill the square with it and
+            cut off part of its long side.
 
     Returns:
         ``(image [size, size, 3], mask [size, size])``, float32 on the input's
-        device.  The subject's bounding box is centred; pixels whose output
-        mask is 0 are exactly white (1.0), solid subject has a mask of exactly
+        device.  The subject's bounding box (for "pad"; else the part of it
+        that is kept) is centred and the mask follows the same crop; pixels
+        whose output mask is 0 are exactly white (1.0), solid subject has a mask of exactly
         1.0, and the image is ``subject * mask + white * (1 - mask)`` at every
         pixel.
 
@@ -262,6 +319,7 @@ def cut_subject_on_white(
         raise ValueError(f"The output size must be at least 1 pixel, got {size}.")
     if not margin >= 0:
         raise ValueError(f"The margin must be 0 or more, got {margin}.")
+    check_crop_position(position)
     size = int(size)
 
     subject = mask_bounding_box(mask)
@@ -274,7 +332,7 @@ def cut_subject_on_white(
         )
 
     height, width = mask.shape
-    square = subject_square(subject, margin)
+    square = subject_square(subject, margin, position)
     # The part of the square that lies on the image.
     top, bottom = max(square.top, 0), min(square.bottom, height)
     left, right = max(square.left, 0), min(square.right, width)
@@ -303,6 +361,7 @@ def cut_subjects_on_white(
     masks: torch.Tensor,
     size: int,
     margin: float = DEFAULT_MARGIN,
+    position: str = DEFAULT_CROP_POSITION,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``cut_subject_on_white`` for a ComfyUI batch.
 
@@ -311,7 +370,7 @@ def cut_subjects_on_white(
             ``image_to_rgb``) or one ``[H, W, C]`` image.
         masks: MASK ``[B, h, w]`` or ``[h, w]``; resized to the image size
             when it differs.
-        size, margin: as in ``cut_subject_on_white``.
+        size, margin, position: as in ``cut_subject_on_white``.
 
     Each image is cut with its own mask; a batch of one image or one mask is
     broadcast against the other.  Returns ``(images [N, size, size, 3],
@@ -321,6 +380,7 @@ def cut_subjects_on_white(
         ValueError when the batch sizes cannot be paired, EmptyMaskError
         naming the image whose mask is empty.
     """
+    check_crop_position(position)
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4:
@@ -344,7 +404,7 @@ def cut_subjects_on_white(
         image = images_rgb[index if image_count > 1 else 0]
         mask = masks[index if mask_count > 1 else 0]
         try:
-            out_image, out_mask = cut_subject_on_white(image, mask, size, margin)
+            out_image, out_mask = cut_subject_on_white(image, mask, size, margin, position)
         except EmptyMaskError as error:
             raise EmptyMaskError(f"Image {index + 1} of {count}: {error}") from None
         out_images.append(out_image)

@@ -194,31 +194,43 @@ def build_adapter(specs: list[MemoryLayerSpec], signature: Optional[dict] = None
 
 
 def check_adapter_fits(adapter: DreamCacheAdapter, model) -> None:
-    """Raise a clear error when ``adapter`` was made for another base model (widths, heads or layers differ)."""
-    from .layers import describe_layers, discover_memory_layers, model_signature
+    """Raise a clear error when ``adapter`` was made for another base model (widths, heads or layers differ),
+    naming the adapter's base family and the model's (SD1.5, SD2.x, SDXL or an unknown base)."""
+    from .base_family import base_family, block_names, describe_base, mismatch_advice
+    from .layers import discover_memory_layers, model_signature
 
-    model_specs = {s.key: s for s in discover_memory_layers(model)}
+    model_layers = discover_memory_layers(model)
+    model_specs = {s.key: s for s in model_layers}
+    model_context = model_signature(model)["context_dim"]
     adapter_specs = adapter.specs
+    adapter_context = adapter.signature.get("context_dim") if adapter.signature else None
+    adapter_family = base_family(specs=adapter_specs.values(), context_dim=adapter_context)
+    model_family = base_family(specs=model_layers, context_dim=model_context)
+    bases = (f"This DreamCache adapter was made for another base model: it was trained for "
+             f"{describe_base(specs=adapter_specs.values(), context_dim=adapter_context)}, but the model is "
+             f"{describe_base(specs=model_layers, context_dim=model_context)}.")
+    advice = mismatch_advice(adapter_family, model_family)
     if sorted(adapter_specs) != sorted(model_specs):
         raise ValueError(
-            f"This DreamCache adapter was made for another base model: it has layers "
-            f"{describe_layers(adapter_specs.values())}, the model's memory layers are "
-            f"{describe_layers(model_specs.values())}. Load an adapter trained for this base (SD1.5, SD2.x or SDXL)."
+            f"{bases} The adapter's memory layers are {block_names(adapter_specs.values())}; the model's are "
+            f"{block_names(model_layers)}. {advice}"
         )
     for key, spec in adapter_specs.items():
         found = model_specs[key]
         if (spec.dim, spec.heads, spec.dim_head, spec.channels) != (found.dim, found.heads, found.dim_head, found.channels):
+            authors = ("" if adapter.norm_folded else
+                       " An authors' checkpoint loaded on its own is read with the SD2.x head layout (heads of 64); "
+                       "for another base convert it with `python -m dreamcache_core.io.convert_authors --adapter "
+                       "<file> --base <base checkpoint>`.")
             raise ValueError(
-                f"This DreamCache adapter was made for another base model: layer {key} has width {spec.dim} with "
-                f"{spec.heads} heads of {spec.dim_head}, the model has width {found.dim} with {found.heads} heads of "
-                f"{found.dim_head}. Load an adapter trained for this base model."
+                f"{bases} Layer {key} is {spec.dim} wide with {spec.heads} heads of {spec.dim_head} "
+                f"({spec.channels} input channels) in the adapter, {found.dim} wide with {found.heads} heads of "
+                f"{found.dim_head} ({found.channels} input channels) in the model. {advice}{authors}"
             )
-    context_dim = adapter.signature.get("context_dim") if adapter.signature else None
-    model_context = model_signature(model)["context_dim"]
-    if context_dim is not None and model_context is not None and context_dim != model_context:
+    if adapter_context is not None and model_context is not None and adapter_context != model_context:
         raise ValueError(
-            f"This DreamCache adapter was trained on a base with text width {context_dim}; this model has "
-            f"{model_context} (another base model). Load an adapter trained for this base."
+            f"{bases} Their memory layers match, but the text encoders differ (text width {adapter_context} vs "
+            f"{model_context}). {advice}"
         )
 
 

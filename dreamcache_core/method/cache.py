@@ -243,14 +243,7 @@ def combine_caches(caches: Sequence[DreamCache], cache_weights: Optional[Sequenc
     if not caches:
         raise ValueError("Nothing to combine: give at least one DreamCache.")
     first = caches[0]
-    for other in caches[1:]:
-        if sorted(other.keys) != sorted(first.keys) or any(
-                other.features[k].shape[1] != first.features[k].shape[1] for k in first.keys):
-            raise ValueError("These DreamCaches were encoded on different models (their memory layers differ). "
-                             "Encode every reference with the same MODEL before combining them.")
-        if first.signature and other.signature and first.signature.get("context_dim") != other.signature.get("context_dim"):
-            raise ValueError("These DreamCaches were encoded on different base models (text widths differ). "
-                             "Encode every reference with the same MODEL before combining them.")
+    check_same_model(caches)
     if cache_weights is None:
         cache_weights = [1.0] * len(caches)
     cache_weights = check_reference_weights(cache_weights, len(caches))
@@ -283,6 +276,85 @@ def combine_caches(caches: Sequence[DreamCache], cache_weights: Optional[Sequenc
     metadata["combined_from"] = [{"num_references": c.num_references, "latent_size": c.metadata.get("latent_size"),
                                   "seed": c.metadata.get("seed")} for c in caches]
     return DreamCache(features, token_masks, metadata, weights)
+
+
+COMBINE_MODES = ("union", "average", "subtract")
+
+
+def check_same_model(caches: Sequence[DreamCache]) -> None:
+    """ValueError unless every cache was encoded on the same model (same memory layers, channels, text width)."""
+    first = caches[0]
+    for other in caches[1:]:
+        if sorted(other.keys) != sorted(first.keys) or any(
+                other.features[k].shape[1] != first.features[k].shape[1] for k in first.keys):
+            raise ValueError("These DreamCaches were encoded on different models (their memory layers differ). "
+                             "Encode every reference with the same MODEL before combining them.")
+        if first.signature and other.signature and first.signature.get("context_dim") != other.signature.get("context_dim"):
+            raise ValueError("These DreamCaches were encoded on different base models (text widths differ). "
+                             "Encode every reference with the same MODEL before combining them.")
+
+
+def average_caches(caches: Sequence[DreamCache], cache_weights: Optional[Sequence[float]] = None) -> DreamCache:
+    """One cache whose reference i is the weighted mean of reference i of every cache (aligned references:
+    the same subject, pose and framing, encoded at the same size).
+
+    The memory keeps the token count of one reference, so attention is spread as for a single photo; a
+    token is a subject token when it is one in any of the caches. The first cache's reference weights are
+    kept.
+    """
+    caches = list(caches)
+    if not caches:
+        raise ValueError("Nothing to average: give at least one DreamCache.")
+    check_same_model(caches)
+    weights = check_reference_weights([1.0] * len(caches) if cache_weights is None else cache_weights, len(caches))
+    first = caches[0]
+    counts = sorted({c.num_references for c in caches})
+    if len(counts) > 1:
+        raise ValueError(f"'average' needs caches with the same number of references (these hold "
+                         f"{[c.num_references for c in caches]}): reference i is averaged with reference i. Use "
+                         "'union' to pool references of any number.")
+    for key in first.keys:
+        sizes = {tuple(c.features[key].shape[2:]) for c in caches}
+        if len(sizes) > 1:
+            raise ValueError(f"'average' needs references encoded at the same size (layer {key} has feature maps "
+                             f"{sorted(sizes)}): resize the references to one size (Mask Reference's size), or use "
+                             "'union'.")
+    total = sum(weights)
+    features, token_masks = {}, {}
+    for key in first.keys:
+        mean = sum(c.features[key].float() * (w / total) for c, w in zip(caches, weights) if w > 0)
+        features[key] = mean
+        if any(key in c.token_masks for c in caches):
+            n, _, h, w = first.features[key].shape
+            masks = [c.token_masks.get(key, torch.ones(n, h * w, dtype=torch.bool)) for c, cw in zip(caches, weights)
+                     if cw > 0]
+            token_masks[key] = torch.stack(masks).any(0)
+    metadata = dict(first.metadata)
+    metadata["averaged_from"] = [{"num_references": c.num_references, "seed": c.metadata.get("seed"), "weight": w}
+                                 for c, w in zip(caches, weights)]
+    return DreamCache(features, token_masks, metadata, first.reference_weights)
+
+
+def combine_caches_by_mode(caches: Sequence[DreamCache], cache_weights: Sequence[float], mode: str = "union"):
+    """(cache, negative cache or None) for Combine DreamCache's ``mode`` (see ``COMBINE_MODES``):
+
+    union:    every reference of every cache in one memory, each cache weighted (``combine_caches``)
+    average:  the weighted mean of aligned references (``average_caches``)
+    subtract: the first cache is the reference; the others (their union, weighted) become the negative
+              reference that Apply DreamCache or the DreamCache Guider steer away from
+    """
+    caches, cache_weights = list(caches), list(cache_weights)
+    if mode == "union":
+        return combine_caches(caches, cache_weights), None
+    if mode == "average":
+        return average_caches(caches, cache_weights), None
+    if mode == "subtract":
+        if len(caches) < 2:
+            raise ValueError("'subtract' needs a cache to subtract: connect cache_2 (and more) as what to steer "
+                             "away from.")
+        check_same_model(caches)
+        return caches[0], combine_caches(caches[1:], cache_weights[1:])
+    raise ValueError(f"mode must be one of {list(COMBINE_MODES)}, got {mode!r}.")
 
 
 def token_masks_from_mask(mask: torch.Tensor, feature_sizes: dict, threshold: float = 0.5) -> dict:

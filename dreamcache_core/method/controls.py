@@ -1,4 +1,8 @@
-"""Artist controls of the injection, in plain torch: per-layer weights and region masks.
+"""Artist controls of the injection, in plain torch: layer presets, per-layer weights and region masks.
+
+A layer preset picks the memory layers that are personalised by what they do (``LAYER_PRESETS``: shape =
+the middle layer, appearance = the decoder layers, ...); the group weights and per-layer weights below
+multiply or override it. Schedules over steps and frames are in ``schedules``.
 
 Per-layer weights (a schedule over the memory layers) multiply the global
 strength: ``middle`` scales the middle transformer, ``decoder`` every decoder
@@ -88,11 +92,43 @@ def parse_layer_weights(text: str, specs: Iterable[MemoryLayerSpec]) -> dict[str
     return out
 
 
-def layer_strengths(specs: Iterable[MemoryLayerSpec], middle_weight: float = 1.0, decoder_weight: float = 1.0,
-                    overrides: str = "") -> dict[str, float]:
-    """Per-layer multipliers of the global strength: middle / decoder groups, then per-key overrides."""
+LAYER_PRESETS = ("all layers", "shape (middle)", "appearance (decoder)", "composition (middle + coarse decoder)",
+                 "detail (fine decoder)")
+DEFAULT_LAYER_PRESET = "all layers"
+
+
+def layer_groups(specs: Iterable[MemoryLayerSpec]) -> dict[str, str]:
+    """Layer key -> "middle", "coarse" or "fine": the decoder memory layers in forward order, the first half
+    (lower resolution: composition and shape) coarse, the rest (higher resolution: texture and detail) fine."""
     specs = list(specs)
-    out = {s.key: float(middle_weight if s.block[0] == "middle" else decoder_weight) for s in specs}
+    decoder = sorted((s for s in specs if s.block[0] == "output"), key=lambda s: s.block[1])
+    coarse = {s.key for s in decoder[:math.ceil(len(decoder) / 2)]}
+    return {s.key: "middle" if s.block[0] == "middle" else ("coarse" if s.key in coarse else "fine") for s in specs}
+
+
+def layer_preset_weights(preset: str, specs: Iterable[MemoryLayerSpec]) -> dict[str, float]:
+    """Layer key -> 1 or 0: the memory layers ``preset`` personalises.
+
+    all layers: every memory layer. shape (middle): the middle layer only (shape and identity).
+    appearance (decoder): every decoder layer (colour, texture, detail). composition (middle + coarse decoder):
+    the middle and the lower-resolution half of the decoder layers. detail (fine decoder): the
+    higher-resolution half of the decoder layers only.
+    """
+    on = {"all layers": {"middle", "coarse", "fine"}, "shape (middle)": {"middle"},
+          "appearance (decoder)": {"coarse", "fine"}, "composition (middle + coarse decoder)": {"middle", "coarse"},
+          "detail (fine decoder)": {"fine"}}.get(preset)
+    if on is None:
+        raise ValueError(f"layer_preset must be one of {list(LAYER_PRESETS)}, got {preset!r}.")
+    return {key: 1.0 if group in on else 0.0 for key, group in layer_groups(specs).items()}
+
+
+def layer_strengths(specs: Iterable[MemoryLayerSpec], middle_weight: float = 1.0, decoder_weight: float = 1.0,
+                    overrides: str = "", preset: str = DEFAULT_LAYER_PRESET) -> dict[str, float]:
+    """Per-layer multipliers of the global strength: the preset's layers (1, others 0) times the middle /
+    decoder group weights, then per-key overrides (which replace the product)."""
+    specs = list(specs)
+    chosen = layer_preset_weights(preset, specs)
+    out = {s.key: chosen[s.key] * float(middle_weight if s.block[0] == "middle" else decoder_weight) for s in specs}
     out.update(parse_layer_weights(overrides, specs))
     return out
 

@@ -15,10 +15,11 @@ import torch
 
 from .adapter import adapter_for_model
 from .cache import DreamCache, check_cache_fits, parse_reference_weights
-from .controls import layer_strengths
+from .controls import DEFAULT_LAYER_PRESET, layer_strengths
 from .input_checks import check_number
 from .layers import discover_memory_layers, model_signature
 from .patch import POSITIVE_CHUNK, DreamCacheInjection
+from .schedules import CONSTANT_SCHEDULE, FrameWeights, StepSchedule, parse_frame_weights
 
 
 def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float, float]:
@@ -36,10 +37,16 @@ def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, st
                     region_mask: Optional[torch.Tensor] = None, reference_mode: str = "shared",
                     reference_weights: Union[str, Sequence[float], None] = None, middle_weight: float = 1.0,
                     decoder_weight: float = 1.0, layer_weights: str = "", reuse_memory_kv: bool = True,
-                    attention=None, memory_managed: bool = False) -> DreamCacheInjection:
+                    attention=None, memory_managed: bool = False, layer_preset: str = DEFAULT_LAYER_PRESET,
+                    weight_schedule: str = CONSTANT_SCHEDULE,
+                    frame_weights: Union[str, FrameWeights, None] = None) -> DreamCacheInjection:
     """Check ``adapter`` and ``cache`` against ``model`` and build the injection (not attached yet).
 
     reference_weights: "1, 0.5" (as typed in the node), a list, or None for the cache's own weights.
+    layer_preset: which memory layers are personalised (``controls.LAYER_PRESETS``), before the group and
+    per-layer weights. weight_schedule: the strength's shape between start_percent and end_percent
+    (``schedules.STEP_SCHEDULES``; "linear" = constant). frame_weights: a factor per image of the batch
+    ("1, 0.5" or keyframes "0=1, 16=0", see ``schedules``), or None.
     attention: the memory attention; default ComfyUI's optimized attention (what the U-Net itself uses).
     memory_managed: hand the adapter to ComfyUI's memory manager (loaded and offloaded with the model, its
     size counted with the memory keys/values); nodes and generation set it, training keeps its adapter itself.
@@ -54,16 +61,62 @@ def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, st
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
     if isinstance(reference_weights, str):
         reference_weights = parse_reference_weights(reference_weights, cache.num_references)
-    strengths = layer_strengths(specs, middle_weight, decoder_weight, layer_weights)
+    strengths = layer_strengths(specs, middle_weight, decoder_weight, layer_weights, layer_preset)
+    step_schedule = None
+    if weight_schedule != CONSTANT_SCHEDULE:
+        step_schedule = StepSchedule(weight_schedule, start_percent, end_percent,
+                                     model.get_model_object("model_sampling").percent_to_sigma)
+    if isinstance(frame_weights, str):
+        frame_weights = parse_frame_weights(frame_weights)
     if attention is None:
         from ..comfy_bridge import comfy_memory_attention as attention
     injection = DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, chunks,
                                     layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
                                     reuse_memory_kv=reuse_memory_kv, attention=attention, region_mask=region_mask,
-                                    reference_mode=reference_mode, reference_weights=reference_weights)
+                                    reference_mode=reference_mode, reference_weights=reference_weights,
+                                    step_schedule=step_schedule, frame_weights=frame_weights)
     if memory_managed:
-        from ..comfy_bridge import adapter_model_patcher
-
-        dtype = model.model_dtype() or torch.float32
-        injection.managed_models = [adapter_model_patcher(ready_adapter, injection.device_memory_bytes(dtype))]
+        hand_to_memory_manager(model, [injection])
     return injection
+
+
+def hand_to_memory_manager(model, injections: Sequence[DreamCacheInjection]) -> None:
+    """Give ComfyUI's memory manager ONE ModelPatcher of the adapter the ``injections`` share (a reference and
+    a negative reference), sized with the device memory all of them hold; the first injection carries it."""
+    from ..comfy_bridge import adapter_model_patcher
+
+    adapters = {id(injection.adapter) for injection in injections}
+    if len(adapters) != 1:
+        raise ValueError("Injections handed to the memory manager together must share one adapter.")
+    dtype = model.model_dtype() or torch.float32
+    extra = sum(injection.device_memory_bytes(dtype) for injection in injections)
+    injections[0].managed_models = [adapter_model_patcher(injections[0].adapter, extra)]
+    for injection in injections[1:]:
+        injection.managed_models = []
+
+
+def build_injections(model, adapter, cache: DreamCache, negative_cache: Optional[DreamCache] = None,
+                     chunks: Iterable[int] = (POSITIVE_CHUNK,), negative_chunks: Iterable[int] = (),
+                     **controls) -> list[DreamCacheInjection]:
+    """The reference's injection and, with ``negative_cache``, a negative reference's, handed to ComfyUI's
+    memory manager together (one adapter, their memories counted together).
+
+    The negative reference is injected into ``negative_chunks`` (the batch rows of the negative prompt, or the
+    combined guider's unconditional branch) instead of no reference, with the same strength, window,
+    schedules, layers and region as the reference; its references are shared (their union, with the
+    negative cache's own weights). ``controls`` are ``build_injection``'s keyword arguments.
+    """
+    controls = dict(controls, memory_managed=False)
+    positive = build_injection(model, adapter, cache, chunks=chunks, **controls)
+    injections = [positive]
+    if negative_cache is not None:
+        negative_chunks = frozenset(int(c) for c in negative_chunks)
+        if not negative_chunks or positive.chunks is None or positive.chunks & negative_chunks:
+            raise ValueError(f"The negative reference needs batch chunks of its own: the reference is injected into "
+                             f"{'every chunk' if positive.chunks is None else sorted(positive.chunks)}, the negative "
+                             f"reference into {sorted(negative_chunks)}.")
+        negative_controls = dict(controls, reference_mode="shared", reference_weights=None)
+        injections.append(build_injection(model, positive.adapter, negative_cache, chunks=negative_chunks,
+                                          **negative_controls))
+    hand_to_memory_manager(model, injections)
+    return injections

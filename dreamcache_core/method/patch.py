@@ -11,8 +11,9 @@ batch rows that are active (their chunk is included and the step's sigma lies
 inside [sigma_end, sigma_start]); every other row, layer and block is returned
 bit for bit as it came. Training and inference use these same objects.
 
-Artist controls (see ``controls``): s is the global strength times the layer's
-weight (``layer_strengths``); a region mask limits the change to the tokens it
+Artist controls (see ``controls`` and ``schedules``): s is the global strength times the
+layer's weight (``layer_strengths``), times the step schedule's factor at the step's sampling
+percent and the frame weight of the row's image (rows whose product is 0 stay bit for bit); a region mask limits the change to the tokens it
 covers (uncovered tokens are returned bit for bit); the memory is either shared
 by every image (the union of all references, each with its relative weight as
 a log bias on its keys) or one reference per image of the batch.
@@ -28,8 +29,10 @@ from .adapter import DreamCacheAdapter, multihead_attention
 from .cache import DreamCache, check_reference_weights
 from .controls import REFERENCE_MODES, prepare_region_mask, region_token_weights, token_grid
 from .normal_tensors import normal_tensors, parameters_state
+from .schedules import FrameWeights, StepSchedule
 
 POSITIVE_CHUNK = 0  # index of the positive cond list in KSampler's cond_or_uncond
+NEGATIVE_CHUNK = 1  # and of the negative one
 
 
 class DreamCacheInjection:
@@ -46,6 +49,8 @@ class DreamCacheInjection:
     reference_mode:   "shared" (every image attends to all references) or "per_image" (image i of the
                       batch attends to reference i only)
     reference_weights: relative weight per reference (shared mode); None = the cache's own weights
+    step_schedule:    optional ``schedules.StepSchedule``: the strength's factor at each step's sigma
+    frame_weights:    optional ``schedules.FrameWeights``: a factor per image of the latent batch
     managed_models:   ComfyUI ModelPatchers wrapping the adapter, handed to ComfyUI's memory manager by
                       ``models()`` so the adapter is loaded to and offloaded from the device with the model
     """
@@ -54,7 +59,8 @@ class DreamCacheInjection:
                  sigma_start: float = math.inf, sigma_end: float = 0.0, chunks: Optional[Iterable[int]] = (POSITIVE_CHUNK,),
                  layer_strengths: Optional[dict] = None, reuse_memory_kv: bool = True, attention=multihead_attention,
                  region_mask: Optional[torch.Tensor] = None, reference_mode: str = "shared",
-                 reference_weights: Optional[Iterable[float]] = None, managed_models: Iterable = ()):
+                 reference_weights: Optional[Iterable[float]] = None, managed_models: Iterable = (),
+                 step_schedule: Optional[StepSchedule] = None, frame_weights: Optional[FrameWeights] = None):
         if not adapter.norm_folded:
             raise ValueError("The adapter's LN_m is not folded against the base model yet (authors' checkpoint); "
                              "Apply DreamCache folds it when given the model.")
@@ -80,6 +86,8 @@ class DreamCacheInjection:
         self.reference_weights = (None if reference_weights is None
                                   else check_reference_weights(list(reference_weights), cache.num_references))
         self.managed_models = list(managed_models)
+        self.step_schedule = step_schedule
+        self.frame_weights = frame_weights
         self._memo: dict = {}  # (device, layer key, dtype) -> (parameter state, weights, K, V, key mask)
         self._region_memo: dict = {}  # (device, height, width) -> token weights
         self.attn1_patch = DreamCacheNorm1Patch(self)
@@ -108,6 +116,22 @@ class DreamCacheInjection:
                 sigma = sigma.expand(batch)
             active &= (sigma <= self.sigma_start) & (sigma >= self.sigma_end)
         return active if bool(active.any()) else None
+
+    def row_scales(self, batch: int, extra_options: dict) -> Optional[torch.Tensor]:
+        """Float32 [batch]: the step schedule's factor at each row's sigma times the frame weight of the row's
+        image; None when neither is set (every factor 1)."""
+        if self.step_schedule is None and self.frame_weights is None:
+            return None
+        scales = torch.ones(batch)
+        sigmas = extra_options.get("sigmas")
+        if self.step_schedule is not None and sigmas is not None:
+            sigma = sigmas.detach().float().cpu().reshape(-1)
+            scales = scales * self.step_schedule.factors(sigma.expand(batch) if sigma.numel() == 1 else sigma)
+        if self.frame_weights is not None:
+            images = images_in_batch(batch, extra_options)
+            weights = torch.tensor(self.frame_weights.for_frames(images), dtype=torch.float32)
+            scales = scales * weights[torch.arange(batch) % images]
+        return scales
 
     def _memory_tokens(self, key: str, device, dtype):
         """(tokens [1 or N, L, C], key mask or bias [1 or N, L] or None) in this injection's reference mode."""
@@ -182,6 +206,12 @@ class DreamCacheInjection:
         return self.memory_kv_bytes(dtype) + tokens
 
 
+def images_in_batch(batch: int, extra_options: dict) -> int:
+    """Images of the latent batch in a U-Net call of ``batch`` rows (ComfyUI stacks one copy per cond chunk)."""
+    chunk_ids = extra_options.get("cond_or_uncond") or [0]
+    return max(batch // len(chunk_ids), 1)
+
+
 class DreamCacheNorm1Patch:
     """attn1_patch: leave n = norm1(x) of memory-layer block 0 for the output patch."""
 
@@ -222,6 +252,12 @@ class DreamCacheOutputPatch:
         rows = injection.active_rows(a1.shape[0], extra_options)
         if rows is None:
             return a1
+        scales = injection.row_scales(a1.shape[0], extra_options)
+        if scales is not None:
+            rows &= scales != 0
+            if not bool(rows.any()):
+                return a1
+            scales = scales[rows] * strength  # the strength of each active row
         weights, memory_k, memory_v, key_mask = injection.layer_memory(key, a1.device, a1.dtype)
         row_index = None if bool(rows.all()) else rows.nonzero().flatten().to(a1.device)
         a1_rows = a1 if row_index is None else a1[row_index]
@@ -232,15 +268,18 @@ class DreamCacheOutputPatch:
             key_mask = None if key_mask is None else key_mask[pick]
         tokens, blend = None, None
         if injection.region_mask is not None:
-            token_weights = self.region_token_weights(a1, rows, extra_options) * strength
+            token_weights = self.region_token_weights(a1, rows, extra_options)
+            token_weights = token_weights * strength if scales is None else token_weights * scales[:, None]
             tokens = (token_weights != 0).any(0).nonzero().flatten()
             if tokens.numel() == 0:
                 return a1
             a1_rows, n_rows = a1_rows[:, tokens], n_rows[:, tokens.to(n.device)]
             blend = token_weights[:, tokens].to(a1.dtype).unsqueeze(-1)
+        elif scales is not None:
+            blend = scales.to(a1.device, a1.dtype)[:, None, None]
         adapted = injection.adapter.layer(key)(n_rows, a1_rows, memory_k, memory_v, key_mask=key_mask,
                                               weights=weights, attention=injection.attention)
-        if blend is not None:  # per-token strength; lerp at 1 gives adapted exactly
+        if blend is not None:  # per-token or per-row strength; lerp at 1 gives adapted exactly
             adapted = torch.where(blend != 0, torch.lerp(a1_rows, adapted, blend), a1_rows)
         elif strength != 1.0:
             adapted = a1_rows + strength * (adapted - a1_rows)
@@ -254,14 +293,9 @@ class DreamCacheOutputPatch:
             out[rows_of[:, None], tokens[None, :]] = adapted
         return out
 
-    @staticmethod
-    def images_in_batch(batch: int, extra_options: dict) -> int:
-        chunk_ids = extra_options.get("cond_or_uncond") or [0]
-        return max(batch // len(chunk_ids), 1)
-
     def image_of_rows(self, batch: int, rows, extra_options: dict, references: int) -> torch.Tensor:
         """Index of the image (of the latent batch) each active row belongs to, for one reference per image."""
-        images = self.images_in_batch(batch, extra_options)
+        images = images_in_batch(batch, extra_options)
         if references != images:
             raise ValueError(
                 f"'one reference per image' needs one reference for each image of the batch: the cache holds "
@@ -276,7 +310,7 @@ class DreamCacheOutputPatch:
         active = int(rows.sum())
         if region.shape[0] == 1:
             return region.expand(active, -1)
-        images = self.images_in_batch(a1.shape[0], extra_options)
+        images = images_in_batch(a1.shape[0], extra_options)
         if region.shape[0] != images:
             raise ValueError(f"The attention mask batch has {region.shape[0]} masks for a batch of {images} images; "
                              "give one mask, or one mask per image.")
