@@ -93,10 +93,10 @@ def tiny_setup(family: str = "sd15", model_seed: int = 0, adapter_seed: int = 7)
 def tiny_setup_with_caches(references: int = 2, family: str = "sd15") -> dict:
     """``tiny_setup`` plus ``references`` one-reference caches (Encode DreamCache run as ComfyUI runs it, on seeded
     random latents) and a positive / negative text conditioning."""
+    setup = tiny_setup(family)  # skips, saying why, without COMFYUI_PATH
     from comfyui_dreamcache.nodes.encode import DreamCacheEncode
     from run_as_comfyui import run_node
 
-    setup = tiny_setup(family)
     latents = torch.randn(references, 4, 16, 16, generator=torch.Generator().manual_seed(5))
     caches = [run_node(DreamCacheEncode, setup["model"], {"samples": latents[i:i + 1]}, text_conditioning(0),
                        seed=0)[0] for i in range(references)]
