@@ -38,7 +38,8 @@ FRAME_WEIGHTS_TOOLTIP = ("A strength factor per image of the latent batch (per f
                          "linear in between). Empty = 1 for every frame; 0 leaves that frame exactly unpersonalised.")
 NEGATIVE_CACHE_TOOLTIP = ("Optional negative reference (e.g. Encode DreamCache of a Reference Noise image, or another "
                           "subject, or Combine's negative_cache): injected where the sampler's negative prompt is "
-                          "evaluated instead of no reference, so sampling steers away from it.")
+                          "evaluated instead of no reference, so sampling steers away from it (KSampler at cfg 1 "
+                          "evaluates no negative prompt, so it has no effect there).")
 
 
 def optional_control_inputs(with_schedule=True, negative_tooltip=NEGATIVE_CACHE_TOOLTIP):

@@ -11,7 +11,8 @@ is POSTed to /prompt and /history is polled until it ends. The server executes i
 Checked per workflow: every SaveImage / PreviewImage produced images; an image whose path runs through Apply
 DreamCache or DreamCache Guider differs from one whose path does not (where the workflow has both); and with
 every Apply DreamCache at strength 0 (a second prompt, the cached loaders reused) the personalised image changes
-back, equal bit for bit to the unpersonalised one where the workflow has one.
+back, equal bit for bit to the unpersonalised one where the workflow has one. Workflows saved before later
+optional inputs existed (tests/saved_workflows) convert to the same prompts as today's examples.
 
 Skips without COMFYUI_PATH, Chromium or playwright. The first run writes about 10 GB of random model files into
 DREAMCACHE_TEST_MODELS (default ~/.cache/comfyui-dreamcache/test-models) and reuses them afterwards.
@@ -216,3 +217,27 @@ def test_workflow_runs_end_to_end_in_the_server(server, name):
         for node_id, arrays in images.items():
             for index, array in enumerate(arrays):
                 Image.fromarray(array).save(os.path.join(folder, f"node{node_id}_{index}.png"))
+
+
+SAVED_BEFORE_DIR = PACK_ROOT / "tests" / "saved_workflows"
+
+
+def test_workflows_saved_before_the_new_inputs_give_the_same_prompts(server):
+    """Workflows saved before issue 13 added optional inputs (crop_position, batch_size, negative_cache,
+    layer_preset, weight_schedule, frame_weights, the adapter loader's info output) hold fewer widget values and
+    slots. The frontend fills the new widgets with their defaults, so each gives exactly the API prompt of
+    today's example workflow, which ran above. The old values keep their meaning."""
+    saved = {path.name[:-len("_before_issue13.json")]: json.loads(path.read_text(encoding="utf-8"))
+             for path in sorted(SAVED_BEFORE_DIR.glob("*_before_issue13.json"))}
+    assert sorted(saved) == ["dreamcache_basic", "dreamcache_guider", "dreamcache_two_subjects_regions"]
+    old_prompts = frontend_prompts(server.base_url, saved, chromium_or_skip())
+    for name, prompt in old_prompts.items():
+        assert prompt == server.prompts[name], f"{name}: the saved workflow converts to another prompt"
+        kinds = {node["class_type"]: node["inputs"] for node in prompt.values()}
+        assert kinds["DreamCacheMaskReference"]["crop_position"] == "pad"
+        assert kinds["DreamCacheEncode"]["batch_size"] == 16
+        personalising = kinds.get("DreamCacheApply") or kinds["DreamCacheGuider"]
+        assert personalising["layer_preset"] == "all layers" and personalising["frame_weights"] == ""
+        if "DreamCacheApply" in kinds:
+            assert kinds["DreamCacheApply"]["weight_schedule"] == "linear"
+            assert kinds["DreamCacheApply"]["strength"] == 1.0 and kinds["DreamCacheApply"]["apply_to"] == "positive only"
