@@ -56,7 +56,7 @@ def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning
     noise = comfy.sample.prepare_noise(latent, seed)
     unet = model_patcher.model.diffusion_model
     total = int(latent.shape[0])
-    step = total if not batch_size else int(batch_size)
+    step = total if batch_size is None else int(batch_size)
     if step < 1:
         raise ValueError(f"batch_size must be at least 1 (references per U-Net pass), got {batch_size}.")
     parts = []

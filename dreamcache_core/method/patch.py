@@ -13,10 +13,11 @@ bit for bit as it came. Training and inference use these same objects.
 
 Artist controls (see ``controls`` and ``schedules``): s is the global strength times the
 layer's weight (``layer_strengths``), times the step schedule's factor at the step's sampling
-percent and the frame weight of the row's image (rows whose product is 0 stay bit for bit); a region mask limits the change to the tokens it
-covers (uncovered tokens are returned bit for bit); the memory is either shared
-by every image (the union of all references, each with its relative weight as
-a log bias on its keys) or one reference per image of the batch.
+percent and the frame weight of the row's image (rows whose product is 0 stay bit for bit);
+a region mask limits the change to the tokens it covers (uncovered tokens are
+returned bit for bit); the memory is either shared by every image (the union of
+all references, each with its relative weight as a log bias on its keys) or one
+reference per image of the batch.
 """
 from __future__ import annotations
 
@@ -109,11 +110,8 @@ class DreamCacheInjection:
             if chunk_ids:
                 per_chunk = batch // len(chunk_ids)
                 active &= torch.tensor([c in self.chunks for c in chunk_ids]).repeat_interleave(per_chunk)
-        sigmas = extra_options.get("sigmas")
-        if sigmas is not None and (self.sigma_start != math.inf or self.sigma_end > 0):
-            sigma = sigmas.detach().float().cpu().reshape(-1)
-            if sigma.numel() == 1:
-                sigma = sigma.expand(batch)
+        sigma = row_sigmas(batch, extra_options)
+        if sigma is not None and (self.sigma_start != math.inf or self.sigma_end > 0):
             active &= (sigma <= self.sigma_start) & (sigma >= self.sigma_end)
         return active if bool(active.any()) else None
 
@@ -123,10 +121,9 @@ class DreamCacheInjection:
         if self.step_schedule is None and self.frame_weights is None:
             return None
         scales = torch.ones(batch)
-        sigmas = extra_options.get("sigmas")
-        if self.step_schedule is not None and sigmas is not None:
-            sigma = sigmas.detach().float().cpu().reshape(-1)
-            scales = scales * self.step_schedule.factors(sigma.expand(batch) if sigma.numel() == 1 else sigma)
+        sigma = row_sigmas(batch, extra_options)
+        if self.step_schedule is not None and sigma is not None:
+            scales = scales * self.step_schedule.factors(sigma)
         if self.frame_weights is not None:
             images = images_in_batch(batch, extra_options)
             weights = torch.tensor(self.frame_weights.for_frames(images), dtype=torch.float32)
@@ -204,6 +201,16 @@ class DreamCacheInjection:
         size = torch.empty((), dtype=dtype).element_size()
         tokens = sum(sum(self.cache.token_counts(key)) * spec.channels * size for key, spec in self.adapter.specs.items())
         return self.memory_kv_bytes(dtype) + tokens
+
+
+def row_sigmas(batch: int, extra_options: dict) -> Optional[torch.Tensor]:
+    """Float32 [batch] on the CPU: the sigma of each row of this U-Net call (ComfyUI passes one per row, or one
+    for all); None when the call carries none."""
+    sigmas = extra_options.get("sigmas")
+    if sigmas is None:
+        return None
+    sigma = sigmas.detach().float().cpu().reshape(-1)
+    return sigma.expand(batch) if sigma.numel() == 1 else sigma
 
 
 def images_in_batch(batch: int, extra_options: dict) -> int:
