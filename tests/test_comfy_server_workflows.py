@@ -223,12 +223,12 @@ SAVED_BEFORE_DIR = PACK_ROOT / "tests" / "saved_workflows"
 
 
 def test_workflows_saved_before_the_new_inputs_give_the_same_prompts(server):
-    """Workflows saved before issue 13 added optional inputs (crop_position, batch_size, negative_cache,
-    layer_preset, weight_schedule, frame_weights, the adapter loader's info output) hold fewer widget values and
-    slots. The frontend fills the new widgets with their defaults, so each gives exactly the API prompt of
+    """Workflows saved by the pack's first 0.1 examples, before the optional inputs crop_position, batch_size,
+    negative_cache, layer_preset, weight_schedule, frame_weights and the adapter loader's info output existed, hold
+    fewer widget values and slots. The frontend fills the new widgets with their defaults, so each gives exactly the API prompt of
     today's example workflow, which ran above. The old values keep their meaning."""
-    saved = {path.name[:-len("_before_issue13.json")]: json.loads(path.read_text(encoding="utf-8"))
-             for path in sorted(SAVED_BEFORE_DIR.glob("*_before_issue13.json"))}
+    saved = {path.name[:-len("_v0_1_saved.json")]: json.loads(path.read_text(encoding="utf-8"))
+             for path in sorted(SAVED_BEFORE_DIR.glob("*_v0_1_saved.json"))}
     assert sorted(saved) == ["dreamcache_basic", "dreamcache_guider", "dreamcache_two_subjects_regions"]
     old_prompts = frontend_prompts(server.base_url, saved, chromium_or_skip())
     for name, prompt in old_prompts.items():
