@@ -1,6 +1,6 @@
 """The attention patch callables that inject a DreamCache into ComfyUI's U-Net.
 
-ComfyUI protocol (DESIGN.md section 2): ``attn1_patch(n, context, value,
+ComfyUI's patch protocol (comfy/ldm/modules/attention.py, BasicTransformerBlock): ``attn1_patch(n, context, value,
 extra_options)`` sees n = norm1(x) before self-attention and
 ``attn1_output_patch(a1, extra_options)`` sees the self-attention output; both
 get the same ``extra_options`` dict within one transformer-block call, so the
