@@ -36,6 +36,10 @@ WEIGHT_SCHEDULE_TOOLTIP = ("How the strength changes from start_percent to end_p
 FRAME_WEIGHTS_TOOLTIP = ("A strength factor per image of the latent batch (per frame of an animation): one weight per "
                          "frame ('1, 0.8, 0.5'; the last holds for later frames) or keyframes frame=weight ('0=1, 15=0', "
                          "linear in between). Empty = 1 for every frame; 0 leaves that frame exactly unpersonalised.")
+ADAPTER_TOOLTIP = ("Adapters trained for this base model, from Load DreamCache Adapter (files in "
+                   "ComfyUI/models/dreamcache). Released today: the authors' SD2.1-base adapter (linked from "
+                   "github.com/Emanuele97x/DreamCache); SD1.5 and SDXL adapters are trained with the pack's training "
+                   "script.")
 NEGATIVE_CACHE_TOOLTIP = ("Optional negative reference (e.g. Encode DreamCache of a Reference Noise image, or another "
                           "subject, or Combine's negative_cache): injected where the sampler's negative prompt is "
                           "evaluated instead of no reference, so sampling steers away from it (KSampler at cfg 1 "
@@ -119,7 +123,7 @@ class DreamCacheApply(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to personalise. It is cloned: the input MODEL stays "
                                                 "unpatched for other samplers."),
-                Adapter.Input("adapter", tooltip="Adapters trained for this base model."),
+                Adapter.Input("adapter", tooltip=ADAPTER_TOOLTIP),
                 Cache.Input("cache", tooltip="The reference cache from Encode DreamCache (same base model)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="How much of the adapter's change to keep; 0 returns exactly the input model."),

@@ -4,7 +4,7 @@ from comfy_api.v0_0_2 import io
 from ..dreamcache_core.comfy_bridge import combined_guider
 from ..dreamcache_core.method.controls import DEFAULT_LAYER_PRESET
 from ..dreamcache_core.method.guidance import REFERENCE_CHUNKS, UNCONDITIONAL
-from .apply import build_injections, control_text_problems, optional_control_inputs
+from .apply import ADAPTER_TOOLTIP, build_injections, control_text_problems, optional_control_inputs
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache
 from .widget_checks import validation_result, widget_problems
 
@@ -22,7 +22,7 @@ class DreamCacheGuider(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (unpatched: the guider injects the "
                                                 "reference itself, into the two predictions that need it)."),
-                Adapter.Input("adapter", tooltip="Adapters trained for this base model."),
+                Adapter.Input("adapter", tooltip=ADAPTER_TOOLTIP),
                 Cache.Input("cache", tooltip="The reference cache from Encode DreamCache (same base model)."),
                 io.Conditioning.Input("positive", tooltip="The prompt describing the scene (T)."),
                 io.Conditioning.Input("negative", tooltip="The negative or empty prompt: used with the reference for "

@@ -147,10 +147,12 @@ def initialise_seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module
 
 
 def family_model_config(family: str, unet_config: dict, dtype):
-    """ComfyUI's model config (supported_models.SD15 / SDXL) of ``family`` for ``unet_config`` at ``dtype``."""
+    """ComfyUI's model config (supported_models.SD15 / SD20 / SDXL) of ``family`` ("sd15", "sd21", "sdxl") for
+    ``unet_config`` at ``dtype``."""
     import comfy.supported_models
 
-    families = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}
+    families = {"sd15": comfy.supported_models.SD15, "sd21": comfy.supported_models.SD20,
+                "sdxl": comfy.supported_models.SDXL}
     if family not in families:
         raise ValueError(f"Unknown model family {family!r}; use one of {sorted(families)}.")
     model_config = families[family](dict(unet_config, dtype=dtype))
