@@ -538,6 +538,9 @@ def make_segmenter(args):
     if args.segmenter:
         raise ValueError("--segmenter is prompted by the detector's boxes: give --detector too, or --sam alone.")
     if args.sam:
+        from ..comfy_bridge.model_files import resolve_model_file
+
+        args.sam = resolve_model_file(args.sam, "sam", args.comfyui)
         return AutomaticSam(args.sam, args.device), {"kind": "segment-anything automatic prompt",
                                                      "sam": os.path.abspath(args.sam)}
     raise ValueError("Give the segmentation models: --detector DIR --segmenter DIR (Grounding-DINO + SAM), "
@@ -561,9 +564,10 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
 
         if not args.checkpoint:
             raise ValueError("Give the base that renders the targets: --checkpoint FILE (SDXL, SD1.5, ...).")
-        if not os.path.isfile(args.checkpoint):
-            raise ValueError(f"--checkpoint {args.checkpoint} is not a file.")
         ensure_comfyui(args.comfyui, cpu=args.cpu)
+        from ..comfy_bridge.model_files import resolve_model_file
+
+        args.checkpoint = resolve_model_file(args.checkpoint, "checkpoint", args.comfyui)
         checkpoint_info = os.path.abspath(args.checkpoint)
         pipeline = load_pipeline(args.checkpoint)
     renderer = PipelineRenderer(pipeline, args.width, args.height, args.steps, args.cfg, args.sampler, args.scheduler,

@@ -6,7 +6,11 @@
     torchrun --nproc_per_node 4 -m dreamcache_core.training.train ...                     # several GPUs (DDP over the adapter)
 
 Run it from the pack folder. ComfyUI comes from --comfyui, $COMFYUI_PATH, or
-the ComfyUI holding custom_nodes/<this pack>.
+the ComfyUI holding custom_nodes/<this pack>. --checkpoint and --init-adapter
+take a path or a file name in ComfyUI's model folders. The final adapter is
+written to --output-dir; --install-as NAME.safetensors also copies it into
+ComfyUI's models/dreamcache (refused before training if that file exists,
+unless --overwrite-installed).
 
 What a step does (see training_loss / training_loop): each sample's reference
 is cached at t = 1 by ``comfy_bridge.encode_reference`` (the Encode node's code,
@@ -38,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("base model")
     g.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or the one holding custom_nodes)")
-    g.add_argument("--checkpoint", help="SD1.x / SD2.x / SDXL checkpoint, loaded by ComfyUI's loader")
+    g.add_argument("--checkpoint", help="SD1.x / SD2.x / SDXL checkpoint, loaded by ComfyUI's loader: a path, or a "
+                                        "file name in ComfyUI's models/checkpoints")
     g.add_argument("--unet-config", help="JSON ComfyUI unet config (tests, toy models) instead of --checkpoint")
     g.add_argument("--unet-weights", help=".safetensors of the U-Net built from --unet-config")
     g.add_argument("--prediction", choices=["eps", "v"], help="with --unet-config (default: the JSON's, else eps)")
@@ -56,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precompute-caches", action="store_true", help="also precompute each reference's cache")
     g.add_argument("--precompute-only", action="store_true", help="stop after --precompute")
     g = p.add_argument_group("training")
-    g.add_argument("--output-dir", default="dreamcache_training")
+    g.add_argument("--output-dir", default="dreamcache_training",
+                   help="where checkpoints, train_log.csv and the final dreamcache_adapter.safetensors are written")
+    g.add_argument("--install-as", metavar="NAME.safetensors",
+                   help="also copy the final adapter into ComfyUI's models/dreamcache as NAME.safetensors (checked "
+                        "before training: refused if that file exists, unless --overwrite-installed)")
+    g.add_argument("--overwrite-installed", action="store_true", help="let --install-as replace an existing file")
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=4, help="samples per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -76,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--resume", help="checkpoint adapter (with its .state.pt) to continue exactly, or 'auto'")
-    g.add_argument("--init-adapter", help="start from this adapter's weights (fresh optimizer)")
+    g.add_argument("--init-adapter", help="start from this adapter's weights (fresh optimizer): a path, or a file "
+                                          "name in ComfyUI's models/dreamcache")
     return p
 
 
@@ -146,6 +157,12 @@ def main(argv=None) -> int:
 
     distributed = setup_distributed(args.cpu)
     ensure_comfyui(args.comfyui, cpu=args.cpu)
+    from ..comfy_bridge.model_files import adapter_install_target, install_adapter, resolve_model_file
+
+    args.checkpoint = resolve_model_file(args.checkpoint, "checkpoint", args.comfyui)
+    args.init_adapter = resolve_model_file(args.init_adapter, "adapter", args.comfyui)
+    if args.install_as:  # refused now, not after hours of training
+        adapter_install_target(args.install_as, args.overwrite_installed, args.comfyui)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -199,7 +216,9 @@ def main(argv=None) -> int:
             log("no checkpoint to resume in the output folder; starting fresh")
     if resume:
         trainer.resume(resume)
-    trainer.train()
+    final = trainer.train()
+    if args.install_as and distributed.is_main and final:
+        log(f"installed {install_adapter(final, args.install_as, args.overwrite_installed, args.comfyui)}")
     if distributed.enabled:
         torch.distributed.destroy_process_group()
     return 0
@@ -208,6 +227,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
