@@ -162,3 +162,36 @@ def test_train_installs_its_final_adapter_and_checks_the_name_before_training(wo
     with pytest.raises(ValueError, match="toy.safetensors already exists"):
         main([a if a != str(out) else str(again) for a in args])
     assert not again.exists()  # refused before training wrote anything
+
+
+def test_generate_takes_the_adapter_by_its_comfyui_name_and_records_the_file(comfy_folders, tmp_path):
+    """generate --adapter NAME: the adapter in ComfyUI's models/dreamcache, the same images as with its path."""
+    import shutil
+
+    from test_comfy_generate import SIDE
+    from tiny_models import tiny_pipeline, tiny_sd15_model
+    from comfyui_dreamcache.dreamcache_core.evaluation import generate
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import save_adapter
+    from comfyui_dreamcache.dreamcache_core.io.image_files import save_png
+    from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
+    from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers, model_signature
+
+    model = tiny_sd15_model(seed=0)
+    unet = model.model.diffusion_model
+    adapter = build_adapter(discover_memory_layers(unet), model_signature(unet)).randomize_(seed=7, scale=0.5)
+    by_path = tmp_path / "adapter.safetensors"
+    save_adapter(adapter, str(by_path))
+    shutil.copyfile(by_path, comfy_folders["dreamcache"] / "mine.safetensors")
+    save_png(torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)), str(tmp_path / "reference.png"))
+    common = ["--reference", str(tmp_path / "reference.png"), "--prompt", "a toy", "--width", str(SIDE),
+              "--height", str(SIDE), "--steps", "2", "--quiet"]
+    pipeline = tiny_pipeline(model)
+    named = generate.main(common + ["--adapter", "mine.safetensors", "--out", str(tmp_path / "named")], pipeline=pipeline)
+    plain = generate.main(common + ["--adapter", str(by_path), "--out", str(tmp_path / "path")], pipeline=pipeline)
+    assert named["files"]["adapter"]["path"] == str(comfy_folders["dreamcache"] / "mine.safetensors")
+    assert named["files"]["adapter"]["sha256"] == plain["files"]["adapter"]["sha256"]
+    first = sorted((tmp_path / "named").glob("*.png"))
+    assert first and [p.read_bytes() for p in first] == [
+        p.read_bytes() for p in sorted((tmp_path / "path").glob("*.png"))]
+    with pytest.raises(FileNotFoundError, match="DreamCache adapter 'other.safetensors' not found; looked in:"):
+        generate.main(common + ["--adapter", "other.safetensors", "--out", str(tmp_path / "x")], pipeline=pipeline)
