@@ -80,3 +80,18 @@ def test_an_adapter_in_the_folder_passes_and_loads(adapter_folders):
     for key in saved.keys():
         assert (adapter.layer(key).to_q.weight == saved.layer(key).to_q.weight).all()
     assert info.startswith("DreamCache adapter for")
+
+
+def test_comfyuis_own_prompt_validation_reports_the_message(adapter_folders, monkeypatch):
+    """The queue-time check as the server makes it: ComfyUI's execution.validate_inputs on a one-node prompt."""
+    import asyncio
+
+    import execution
+    import nodes as comfy_nodes
+
+    monkeypatch.setitem(comfy_nodes.NODE_CLASS_MAPPINGS, "DreamCacheAdapterLoader", loader())
+    prompt = {"1": {"class_type": "DreamCacheAdapterLoader", "inputs": {"adapter_name": "cross_attention-199999.pt"}}}
+    valid, errors, _ = asyncio.run(execution.validate_inputs("dreamcache-test", prompt, "1", {}))
+    assert valid is False and [error["type"] for error in errors] == ["custom_validation_failed"]
+    assert errors[0]["details"].startswith("adapter_name - DreamCache adapter 'cross_attention-199999.pt' not found")
+    assert_says_where_adapters_come_from(errors[0]["details"], adapter_folders)
