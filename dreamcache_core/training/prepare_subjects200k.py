@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -115,13 +116,21 @@ def skipped(number: int, reason: str, detail: str) -> dict:
     return {"number": number, "id": row_id(number), "status": "skipped", "reason": reason, "detail": detail}
 
 
+def reason_and_detail(text: str) -> tuple:
+    """("corrupt image", "OSError: ...") from "corrupt image (OSError: ...)" or "corrupt image: ..."."""
+    match = re.match(r"([^:(]+?)\s*(?:\((.*)\)|:\s*(.*))$", text, re.S)
+    if not match:
+        return text, ""
+    return match.group(1), match.group(2) if match.group(2) is not None else match.group(3)
+
+
 def row_outcome(row, shard_dir: str, settings: PreparationSettings, segment: Callable) -> dict:
     """Segment, filter and write one parquet row; returns its progress record (see ``synthesize``)."""
     from ..io.image_files import save_png
     from ..masking.reference_mask import EmptyMaskError, cut_subject_on_white
 
     if isinstance(row, BadRow):
-        return skipped(row.number, row.reason.split(" (")[0].split(":")[0], row.reason)
+        return skipped(row.number, *reason_and_detail(row.reason))
     number = row.number
     if not row.valid:
         return skipped(number, INVALID_DESCRIPTION, "description_valid is false")
@@ -133,7 +142,7 @@ def row_outcome(row, shard_dir: str, settings: PreparationSettings, segment: Cal
     try:
         views = split_views(decode_picture(row.image_bytes))
     except UnusableRow as error:
-        return skipped(number, str(error).split(" (")[0].split(":")[0], str(error))
+        return skipped(number, *reason_and_detail(str(error)))
     rows, dropped = [], []
     record = {"number": number, "id": row_id(number), "item": row.item, "quality": list(row.quality),
               "collection": row.collection, "views": []}

@@ -4,9 +4,9 @@ Each row holds one subject seen twice:
 
 * ``image``: one picture with the two views side by side (as the ``datasets`` library writes an image: a
   struct ``{bytes, path}``; plain bytes are accepted too). In the released set it is 1056 x 528: two 512 x 512
-  tiles, each framed by 8 px, so 16 px lie between them (OminiControl crops (8, 8, 520, 520) and
-  (528, 8, 1040, 520)). ``view_boxes`` finds the tiles from the real size: the picture must be twice as wide as
-  high, the frame scales with the height (8 / 528 of it);
+  tiles and 16 px of padding each way, cropped as OminiControl crops them, (8, 8, 520, 520) and
+  (528, 8, 1040, 520). ``view_boxes`` finds the tiles from the real size: the picture must be twice as wide as
+  high, and the padding scales with the height (8 / 528 of it);
 * ``description``: ``{item, description_0, description_1, category, description_valid}``; ``item`` is the
   subject's noun, ``description_0`` captions the left view and ``description_1`` the right one;
 * ``quality_assessment``: ``{compositeStructure, objectConsistency, imageQuality}``, each scored 0-5;
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -182,19 +183,24 @@ def decode_picture(data: bytes) -> torch.Tensor:
             image.load()
             rgb = image.convert("RGB")
     except Exception as error:  # PIL raises many types for broken data
-        raise UnusableRow(f"corrupt image ({type(error).__name__}: {error})") from None
+        message = re.sub(r" ?<[^>]*>", "", str(error))  # no object addresses: the same row gives the same reason
+        raise UnusableRow(f"corrupt image ({type(error).__name__}: {message})") from None
     pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
     return pixels.view(rgb.size[1], rgb.size[0], 3).float() / 255.0
 
 
 def view_boxes(width: int, height: int) -> tuple:
-    """((x0, y0, x1, y1) of the left view, same of the right one) for a two-view picture of this size."""
+    """((x0, y0, x1, y1) of the left view, same of the right one) for a two-view picture of this size.
+
+    OminiControl's crops, scaled to the picture: with the frame p = 8 / 528 of the height and the view side
+    T = height - 2 p, the left view is (p, p, p + T, p + T) and the right one (T + 2 p, p, 2 T + 2 p, p + T),
+    i.e. (8, 8, 520, 520) and (528, 8, 1040, 520) for the released 1056 x 528 pictures."""
     if height < 8 or abs(width - 2 * height) > 2:
         raise UnusableRow(f"unexpected layout: the picture is {width}x{height}, not two square views side by side "
                           "(twice as wide as high)")
     frame = round(height * FRAME_FRACTION)
     side = height - 2 * frame
-    return (frame, frame, frame + side, frame + side), (width - frame - side, frame, width - frame, frame + side)
+    return (frame, frame, frame + side, frame + side), (side + 2 * frame, frame, 2 * side + 2 * frame, frame + side)
 
 
 def split_views(picture: torch.Tensor) -> tuple:
