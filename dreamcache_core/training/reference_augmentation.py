@@ -115,13 +115,14 @@ def subject_crop(image: torch.Tensor, mask: Optional[torch.Tensor]):
     if tuple(mask.shape) != tuple(image.shape[:2]):
         mask = F.interpolate(mask[None, None], size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0]
     subject = mask >= FOREGROUND
-    if not bool(subject.any()):
-        raise UnusableReference("the reference mask marks no subject (no pixel at or above 0.5)")
     rows = torch.nonzero(subject.any(dim=1)).flatten()
+    if rows.numel() == 0:
+        raise UnusableReference("the reference mask marks no subject (no pixel at or above 0.5)")
     cols = torch.nonzero(subject.any(dim=0)).flatten()
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    white = torch.where(subject[..., None], image, torch.ones_like(image))
-    return white[top:bottom, left:right].contiguous(), subject[top:bottom, left:right].float().contiguous()
+    inside = subject[top:bottom, left:right]
+    crop = image[top:bottom, left:right]
+    return torch.where(inside[..., None], crop, 1.0).contiguous(), inside.float()
 
 
 def foreground_size(width: int, height: int, size: int, u: float, min_side_fraction: float) -> tuple:
