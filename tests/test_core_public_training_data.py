@@ -211,6 +211,23 @@ def test_parquet_rows_stream_by_row_group_with_reasons(parquet):
         open_manifest(str(parquet.parent), "subjects200k")
 
 
+def test_a_damaged_row_group_is_skipped_with_its_reason_and_the_rest_is_read(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = write_subjects200k(tmp_path / "data" / "train.parquet", [subjects200k_record(n) for n in range(6)])
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(open(path, "rb").read())
+    for offset in range(column.data_page_offset, column.data_page_offset + 40):  # break row group 1's image page
+        data[offset] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    rows = list(s2.iter_rows(s2.survey(str(tmp_path / "data"))))
+    assert [type(r).__name__ for r in rows] == ["PairRow", "PairRow", "BadRow", "BadRow", "PairRow", "PairRow"]
+    assert rows[2].reason.startswith("unreadable row (row group 1 of train.parquet")
+    summary = prep.run_preparation(prepare_argv(tmp_path / "data", tmp_path / "out"), segmenter=colour_segmenter(),
+                                   log=lambda m: None)
+    assert summary.kept == 4 and dict(summary.skipped) == {"unreadable row": 2} and summary.index is not None
+
+
 def test_missing_pyarrow_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ValueError, match="pip install pyarrow"):
