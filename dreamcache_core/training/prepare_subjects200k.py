@@ -212,7 +212,8 @@ def mark_index(index: str, settings: PreparationSettings) -> None:
     """Name the source and its quality bar in index.json (what ``train --data`` uses to pick the defaults)."""
     with open(index, encoding="utf-8") as handle:
         data = json.load(handle)
-    data.update({"source": SOURCE_NAME, "min_quality": settings.min_quality, "parquet_rows": data.pop("captions", None)})
+    data.update({"source": SOURCE_NAME, "min_quality": settings.min_quality,
+                 "parquet_rows": data.pop("captions", None)})
     temporary = f"{index}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=1, sort_keys=True)

@@ -56,7 +56,7 @@ class UnusableReference(UnusableRow):
 class AuthorsAugmentation:
     """The authors' settings (see the module docstring)."""
 
-    min_side_fraction: float = 0.7          # RandomResizeForeground's min_pct_area (bounds the side, as their code does)
+    min_side_fraction: float = 0.7          # RandomResizeForeground's min_pct_area (their code bounds the side)
     flip_p: float = 0.5
     jitter_p: float = 0.1
     brightness: float = 0.2

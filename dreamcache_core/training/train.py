@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unet-dtype", default="auto", help="auto (ComfyUI's choice) | fp32 | fp16 | bf16")
     g.add_argument("--cpu", action="store_true", help="run on the CPU")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="manifest .jsonl, a sharded folder (or its index.json) written by "
-                                                 "dreamcache_core.training.synthesize, an authors'-layout folder, a "
-                                                 "folder written by prepare_subjects200k, or one written by --precompute")
+    g.add_argument("--data", required=True,
+                   help="manifest .jsonl, a sharded folder (or its index.json) written by dreamcache_core.training."
+                        "synthesize, an authors'-layout folder, a folder written by prepare_subjects200k, or one "
+                        "written by --precompute")
     g.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
                    help="what --data is (default: told from the path)")
     g.add_argument("--augment", choices=AUGMENT_MODES,

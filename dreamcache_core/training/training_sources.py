@@ -150,23 +150,24 @@ class ManifestSource:
     def prepared(self, index: int, draw: Optional[SampleDraw] = None, variant: Optional[int] = None) -> PreparedSample:
         """Sample ``index``; with augmentation its reference is drawn from ``draw``'s generator, or from
         precomputed ``variant``'s (keyed on the row and the variant number), else cut out without randomness."""
-        generator = None
-        if self.augment is not None:
-            if draw is not None:
-                generator = draw.augment_generator()
-            elif variant is not None:
-                generator = generator_for("reference variant", index, variant)
-        _, sample = self.usable(index, lambda i: self._prepare(i, generator))
+        _, sample = self.usable(index, lambda i: self._prepare(i, self.reference_generator(i, draw, variant)))
         return sample
+
+    def reference_generator(self, index: int, draw: Optional[SampleDraw], variant: Optional[int]):
+        """A fresh generator for row ``index``'s augmentation (None: no augmentation or no randomness asked for)."""
+        if self.augment is None:
+            return None
+        if draw is not None:
+            return draw.augment_generator()
+        return None if variant is None else generator_for("reference variant", index, variant)
 
     def prepared_variants(self, index: int, count: int) -> list:
         """``count`` samples of row ``index`` with reference variants 0..count-1 (one target and caption)."""
-        row_index, first = self.usable(index, lambda i: self._prepare(
-            i, None if self.augment is None else generator_for("reference variant", i, 0)))
+        row_index, first = self.usable(index, lambda i: self._prepare(i, self.reference_generator(i, None, 0)))
         samples = [first]
         row = self.manifest.rows[row_index]
         for number in range(1, count):
-            reference, mask = self.reference_image(row, generator_for("reference variant", row_index, number))
+            reference, mask = self.reference_image(row, self.reference_generator(row_index, None, number))
             samples.append(PreparedSample(first.target_latent, self.image_encoder(reference), first.text_cond,
                                           first.text_pooled, mask, None, first.caption))
         return samples
