@@ -150,7 +150,8 @@ def make_source(args, clip, vae, log=print):
             raise ValueError(f"--data {args.data} is not a precomputed store (no store.json); pass the manifest "
                              ".jsonl or a folder written by --precompute.")
         source = StoreSource(PrecomputedStore(args.data), use_masks)
-        augmented = source.describe().get("source", {}).get("augment") == "authors"
+        made_from = source.store.info.get("source")
+        augmented = isinstance(made_from, dict) and made_from.get("augment") == "authors"
         if args.augment == "authors" and not augmented:
             log("note: --augment authors does nothing for a store precomputed without augmentation; precompute "
                 "it again with --augment authors")
