@@ -23,8 +23,13 @@ references by a white one with --reference-dropout.
 
 --data is a JSONL manifest (see training_data; build one with
 ``python -m dreamcache_core.training.dataset``), or a sharded one (``python -m
-dreamcache_core.training.synthesize``'s folder, read shard by shard), encoded on the fly with the
-checkpoint's VAE and text encoder, or a folder written by --precompute.
+dreamcache_core.training.synthesize``'s folder, read shard by shard), the authors'
+released layout (object folders of <stem>_generation.png, _caption.txt, _mask.png),
+or Subjects200K as prepared by ``python -m dreamcache_core.training.prepare_subjects200k``,
+encoded on the fly with the checkpoint's VAE and text encoder, or a folder written
+by --precompute; the kind is told from the path (data_formats, --data-format).
+--augment authors augments each reference as the authors trained (reference_augmentation;
+the default for the authors' layout and Subjects200K).
 """
 from __future__ import annotations
 
@@ -34,7 +39,11 @@ import sys
 
 import torch
 
+from .data_formats import AUGMENTED_BY_DEFAULT, DATA_FORMATS
+from .reference_augmentation import AUGMENT_MODES
 from .training_loop import DistributedInfo, TrainConfig
+
+DEFAULT_AUGMENT_VARIANTS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unet-dtype", default="auto", help="auto (ComfyUI's choice) | fp32 | fp16 | bf16")
     g.add_argument("--cpu", action="store_true", help="run on the CPU")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="manifest .jsonl, a sharded folder (or its index.json) written by "
-                                                 "dreamcache_core.training.synthesize, or a folder written by --precompute")
+    g.add_argument("--data", required=True,
+                   help="manifest .jsonl, a sharded folder (or its index.json) written by dreamcache_core.training."
+                        "synthesize, an authors'-layout folder, a folder written by prepare_subjects200k, or one "
+                        "written by --precompute")
+    g.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
+                   help="what --data is (default: told from the path)")
+    g.add_argument("--augment", choices=AUGMENT_MODES,
+                   help="reference augmentation: authors (white background, crop, random resize >= 70%%, flip, "
+                        "jitter, erase; the default for the authors' layout and Subjects200K) or none (the default "
+                        "for manifests and synthesis folders)")
+    g.add_argument("--augment-variants", type=int, metavar="K",
+                   help="with --precompute and augmentation: augmented references stored per sample, one drawn per "
+                        f"step (default {DEFAULT_AUGMENT_VARIANTS}; K times the reference storage and encoding time)")
+    g.add_argument("--min-quality", type=float,
+                   help="Subjects200K: the quality bar on all three scores (set by prepare_subjects200k, default 5; "
+                        "a prepared folder is checked against it)")
     g.add_argument("--resolution", type=int, default=512, help="training image size (shorter side, centre crop)")
     g.add_argument("--reference-resolution", type=int, help="reference size (default: --resolution)")
     g.add_argument("--no-masks", action="store_true", help="ignore reference masks (cache every reference token)")
@@ -74,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
-    g.add_argument("--caption-dropout", type=float, default=0.05)
+    g.add_argument("--caption-dropout", type=float,
+                   help="share of captions replaced by the empty one (default 0.05; 0.07 with --augment authors, "
+                        "the authors' empty-caption rate)")
     g.add_argument("--reference-dropout", type=float, default=0.05)
     g.add_argument("--timestep-range", type=int, nargs=2, default=(0, 999), metavar=("LOW", "HIGH"))
     g.add_argument("--seed", type=int, default=0, help="seeds the adapter's initialisation and every draw")
@@ -122,22 +147,31 @@ def load_model(args):
     return model, None, None
 
 
-def make_source(args, clip, vae):
-    from .training_data import PrecomputedStore, read_manifest
+def make_source(args, clip, vae, log=print):
+    """(source, manifest or None); also settles ``args.augment`` and ``args.caption_dropout`` for the data."""
+    from .data_formats import detect_data_format, open_manifest
+    from .reference_augmentation import AuthorsAugmentation, augmentation_settings
+    from .training_data import PrecomputedStore
     from .training_sources import ComfyImageEncoder, ComfyTextEncoder, ManifestSource, StoreSource
 
-    from .sharded_manifest import ShardedManifest, is_sharded
-
     use_masks = not args.no_masks
-    if is_sharded(args.data):
-        manifest = ShardedManifest(args.data)
-    elif os.path.isdir(args.data):
+    data_format = detect_data_format(args.data) if args.data_format == "auto" else args.data_format
+    if data_format == "store":
         if not PrecomputedStore.is_store(args.data):
-            raise ValueError(f"--data {args.data} is a folder but not a precomputed store (no store.json); pass the "
-                             "manifest .jsonl or a folder written by --precompute.")
-        return StoreSource(PrecomputedStore(args.data), use_masks), None
-    else:
-        manifest = read_manifest(args.data)
+            raise ValueError(f"--data {args.data} is not a precomputed store (no store.json); pass the manifest "
+                             ".jsonl or a folder written by --precompute.")
+        source = StoreSource(PrecomputedStore(args.data), use_masks)
+        made_from = source.store.info.get("source")
+        augmented = isinstance(made_from, dict) and made_from.get("augment") == "authors"
+        if args.augment == "authors" and not augmented:
+            log("note: --augment authors does nothing for a store precomputed without augmentation; precompute "
+                "it again with --augment authors")
+        settle_caption_dropout(args, augmented)
+        return source, None
+    if args.augment is None:
+        args.augment = "authors" if data_format in AUGMENTED_BY_DEFAULT else "none"
+    settle_caption_dropout(args, args.augment == "authors")
+    manifest = open_manifest(args.data, data_format, args.min_quality, log)
     if args.toy_encoders:
         from ..toy.toy_world import ToyImageEncoder, ToyTextEncoder
 
@@ -147,8 +181,31 @@ def make_source(args, clip, vae):
             raise ValueError("Encoding a manifest needs the checkpoint's VAE and text encoder: pass --checkpoint, or "
                              "--data a precomputed folder (or --toy-encoders for toy data).")
         image_encoder, text_encoder = ComfyImageEncoder(vae), ComfyTextEncoder(clip)
+    augment = augmentation_settings(args.augment)
+    if augment is not None and args.caption_dropout != AuthorsAugmentation.empty_caption_p:
+        log(f"note: --augment authors with --caption-dropout {args.caption_dropout} (the authors used "
+            f"{AuthorsAugmentation.empty_caption_p})")
     return ManifestSource(manifest, image_encoder, text_encoder, args.resolution, args.reference_resolution,
-                          use_masks), manifest
+                          use_masks, augment, cut_out=data_format == "authors", log=log), manifest
+
+
+def settle_caption_dropout(args, augmented: bool) -> None:
+    from .reference_augmentation import AuthorsAugmentation
+
+    if args.caption_dropout is None:
+        args.caption_dropout = AuthorsAugmentation.empty_caption_p if augmented else 0.05
+
+
+def augment_variants(args, source) -> int:
+    if args.augment_variants is not None:
+        return args.augment_variants
+    return DEFAULT_AUGMENT_VARIANTS if getattr(source, "augment", None) is not None else 1
+
+
+def report_skips(source, log) -> None:
+    report = getattr(source, "skip_report", lambda: "")()
+    if report:
+        log(report)
 
 
 def main(argv=None) -> int:
@@ -169,15 +226,19 @@ def main(argv=None) -> int:
     log = print if distributed.is_main else (lambda message: None)
 
     model, clip, vae = load_model(args)
-    source, manifest = make_source(args, clip, vae)
+    source, manifest = make_source(args, clip, vae, log)
     if manifest is not None and manifest.skipped:
         log(manifest.report())
+    if args.augment_variants is not None and not args.precompute:
+        raise ValueError("--augment-variants sets how many augmented references --precompute stores per sample; "
+                         "without --precompute every draw is augmented afresh.")
     if args.precompute:
         from .training_data import PrecomputedStore
         from .training_sources import StoreSource, precompute
 
         precompute(source, args.precompute, model, args.precompute_caches, distributed.rank, distributed.world_size,
-                   not args.no_progress, log)
+                   not args.no_progress, log, augment_variants(args, source))
+        report_skips(source, log)
         if distributed.enabled:
             torch.distributed.barrier()
         if args.precompute_only:
@@ -217,6 +278,7 @@ def main(argv=None) -> int:
     if resume:
         trainer.resume(resume)
     final = trainer.train()
+    report_skips(source, log)
     if args.install_as and distributed.is_main and final:
         log(f"installed {install_adapter(final, args.install_as, args.overwrite_installed, args.comfyui)}")
     if distributed.enabled:
