@@ -63,7 +63,13 @@ class DreamCacheReferenceNoise(io.ComfyNode):
         check_number_inputs(cls, {"strength": strength, "seed": seed})
         if isinstance(image, torch.Tensor) and image.ndim == 3:
             image = image.unsqueeze(0)
-        return io.NodeOutput(noised_reference(image, mode, strength, seed, mask))
+        progress = None
+        if mode == "blur":  # the slow mode on large photos: one step per image of the batch
+            import comfy.utils
+
+            bar = comfy.utils.ProgressBar(max(1, len(image)))
+            progress = lambda done, total: bar.update_absolute(done, total)  # noqa: E731
+        return io.NodeOutput(noised_reference(image, mode, strength, seed, mask, progress))
 
 
 NODES = [DreamCacheReferenceNoise]
