@@ -87,3 +87,41 @@ def test_reference_noise_blur_reports_progress_per_image(env):
     with recorded_progress() as reports:
         (out,) = run_node(env["Noise"], torch.rand(3, 32, 32, 3), "blur", 1.0, 0)
     assert reports[-1] == (3, 3) and len(reports) == 3 and out.shape == (3, 32, 32, 3)
+
+
+def adapter_entries(adapter):
+    """Entries of ComfyUI's current_loaded_models that belong to ``adapter``: live ones (their patcher wraps it) and
+    dead ones (the patcher is gone, the loaded module is still the adapter)."""
+    import comfy.model_management
+
+    count = 0
+    for entry in comfy.model_management.current_loaded_models:
+        patcher = entry.model
+        real = entry.real_model() if entry.real_model is not None else None
+        if (patcher is not None and patcher.model is adapter) or real is adapter:
+            count += 1
+    return count
+
+
+def test_re_queued_applies_leave_one_loaded_model_entry_for_the_adapter_and_the_same_result(env):
+    """Ten prompts of Apply + KSampler, as re-queues run them (each Apply's output dropped afterwards), with
+    ComfyUI's unload_all_models between: at most one entry for the adapter in current_loaded_models, always the
+    same patcher, and the same latent every time."""
+    import gc
+
+    import comfy.model_management
+
+    adapter, results, patchers = env["trained"], [], set()
+    for _ in range(10):
+        (model,) = run_node(env["Apply"], env["model"], adapter, env["cache"], 1.0, 0.0, 1.0, "positive only")
+        (patcher,) = [m for p in model.model_options["transformer_options"]["patches"]["attn1_output_patch"]
+                      for m in p.models()]
+        patchers.add(id(patcher))
+        results.append(ksample(model, text_conditioning(1), text_conditioning(2), torch.zeros(1, 4, 8, 8), seed=2))
+        assert adapter_entries(adapter) == 1
+        del model, patcher
+        gc.collect()
+        comfy.model_management.unload_all_models()
+        assert adapter_entries(adapter) <= 1
+    assert len(patchers) == 1
+    assert all(torch.equal(result, results[0]) for result in results)

@@ -96,7 +96,9 @@ def hand_to_memory_manager(model, injections: Sequence[DreamCacheInjection]) -> 
         raise ValueError("Injections handed to the memory manager together must share one adapter.")
     dtype = model.model_dtype() or torch.float32
     extra = sum(injection.device_memory_bytes(dtype) for injection in injections)
-    injections[0].managed_models = [adapter_model_patcher(injections[0].adapter, extra)]
+    patcher = adapter_model_patcher(injections[0].adapter, extra)  # the adapter's one patcher, sized for these
+    injections[0].managed_models = [patcher]
+    injections[0].managed_size = patcher.size
     for injection in injections[1:]:
         injection.managed_models = []
 
