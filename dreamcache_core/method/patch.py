@@ -186,7 +186,12 @@ class DreamCacheInjection:
         self.cache.release_device_copies(keep_device)
 
     def models(self):
-        """ModelPatchers ComfyUI's memory manager loads and offloads with the model (the adapter's)."""
+        """ModelPatchers ComfyUI's memory manager loads and offloads with the model (the adapter's). The adapter's
+        one patcher may be shared by several Apply nodes: it is sized here, when ComfyUI asks before loading, with
+        what this injection handed over (``managed_size``)."""
+        for patcher in self.managed_models:
+            if getattr(self, "managed_size", None):
+                patcher.size = self.managed_size
         return list(self.managed_models)
 
     def memory_kv_bytes(self, dtype: torch.dtype) -> int:

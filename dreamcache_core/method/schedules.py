@@ -89,11 +89,17 @@ class StepSchedule:
 
 
 FRAME_ENTRY = re.compile(r"^\s*(\d+)\s*[=:]\s*(\S+)\s*$")
+MAX_FRAME = 1_000_000  # keyframe numbers above this are typos (no latent batch comes near), and are refused
+
+
+def _shortened(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters with the count of the rest, so a pasted wall of digits stays readable."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def frame_weight_problem(weight: float, entry: str) -> Optional[str]:
     if not math.isfinite(weight) or weight < 0 or weight > LAYER_WEIGHT_LIMIT:
-        return (f"Frame weight '{entry}' must be a number from 0 to {LAYER_WEIGHT_LIMIT:g} (0 leaves that frame "
+        return (f"Frame weight '{_shortened(entry)}' must be a number from 0 to {LAYER_WEIGHT_LIMIT:g} (0 leaves that frame "
                 "unpersonalised).")
     return None
 
@@ -129,9 +135,12 @@ def parse_frame_weights(text: str) -> Optional[FrameWeights]:
     if not text:
         return None
     entries = [e.strip() for e in text.replace(";", ",").replace("\n", ",").split(",") if e.strip()]
+    if not entries:
+        raise ValueError(f"Frame weights {_shortened(text)!r} hold no weight, only separators. Write one weight per frame "
+                         "('1, 0.8, 0.5'), keyframes ('0=1, 16=0'), or leave the field empty for 1 on every frame.")
     keyed = ["=" in e or ":" in e for e in entries]
     if any(keyed) and not all(keyed):
-        raise ValueError(f"Frame weights {text!r} mix plain weights and frame=weight keyframes: write either one "
+        raise ValueError(f"Frame weights {_shortened(text)!r} mix plain weights and frame=weight keyframes: write either one "
                          "weight per frame ('1, 0.8, 0.5') or keyframes ('0=1, 16=0').")
     if all(keyed):
         keyframes, seen = [], set()
@@ -144,11 +153,15 @@ def parse_frame_weights(text: str) -> Optional[FrameWeights]:
                 except ValueError:
                     weight = None
             if weight is None:
-                raise ValueError(f"Frame weight keyframe '{entry}' is not frame=weight with a frame number from 0 "
+                raise ValueError(f"Frame weight keyframe '{_shortened(entry)}' is not frame=weight with a frame number from 0 "
                                  "and a weight, e.g. '0=1, 16=0.2'.")
-            frame = int(found.group(1))
+            digits = found.group(1).lstrip("0") or "0"
+            if len(digits) > len(str(MAX_FRAME)) or int(digits) > MAX_FRAME:
+                raise ValueError(f"Frame weight keyframe '{_shortened(entry)}' names frame {_shortened(digits)}, "
+                                 f"beyond the last frame any batch has; frame numbers go from 0 to {MAX_FRAME}.")
+            frame = int(digits)
             if frame in seen:
-                raise ValueError(f"Frame {frame} has two keyframes in {text!r}; give each frame once.")
+                raise ValueError(f"Frame {frame} has two keyframes in {_shortened(text)!r}; give each frame once.")
             seen.add(frame)
             problem = frame_weight_problem(weight, entry)
             if problem:
@@ -160,7 +173,7 @@ def parse_frame_weights(text: str) -> Optional[FrameWeights]:
         try:
             weight = float(entry)
         except ValueError as error:
-            raise ValueError(f"Frame weight '{entry}' is not a number: write one weight per frame separated by "
+            raise ValueError(f"Frame weight '{_shortened(entry)}' is not a number: write one weight per frame separated by "
                              "commas, e.g. '1, 0.8, 0.5', or keyframes such as '0=1, 16=0'.") from error
         problem = frame_weight_problem(weight, entry)
         if problem:
