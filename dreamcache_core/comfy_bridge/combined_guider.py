@@ -64,7 +64,7 @@ def combined_guider(model_patcher, injection, positive, negative, text_cfg: floa
     ``guidance.REFERENCE_CHUNKS``), with DreamCache's combined guidance over ``positive``/``negative``;
     ``negative_injection`` (targeting ``guidance.UNCONDITIONAL`` only) puts a negative reference into e(0,0)."""
     from ..method.guidance import REFERENCE_CHUNKS, UNCONDITIONAL
-    from ..method.patch import attach_injection
+    from .injection_patches import attach_injection
 
     text_cfg = check_number(text_cfg, "text_cfg", *GUIDANCE_SCALE_RANGE, advice="The authors use 7.5.")
     image_cfg = check_number(image_cfg, "image_cfg", *GUIDANCE_SCALE_RANGE, advice="The authors use 5.0.")

@@ -207,7 +207,8 @@ class Sampler:
         if guidance == "off" or cache is None or settings["strength"] == 0:
             self.sampling_model = model
         elif guidance == "joint":
-            from ..method.patch import POSITIVE_CHUNK, attach_injection
+            from ..comfy_bridge import attach_injection
+            from ..method.patch import POSITIVE_CHUNK
 
             self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
                                              settings["end_percent"], (POSITIVE_CHUNK,), memory_managed=True)

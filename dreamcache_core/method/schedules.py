@@ -18,8 +18,10 @@ Frame weights give each image of a latent batch (each frame of an animation) its
 """
 from __future__ import annotations
 
+import bisect
 import math
 import re
+import struct
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -29,6 +31,14 @@ from .input_checks import LAYER_WEIGHT_LIMIT
 STEP_SCHEDULES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out")
 CONSTANT_SCHEDULE = "linear"
 PERCENT_GRID = 1000  # sampling percents tabulated to read a sigma back as a percent
+
+
+def float32(value: float) -> float:
+    """``value`` rounded to float32, so that host arithmetic gives what float32 tensor arithmetic gave."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def schedule_factor(schedule: str, u):
@@ -64,28 +74,39 @@ class StepSchedule:
                               torch.tensor([1.0 - 1e-6], dtype=torch.float64)])  # ~ the first and the last sigma
         sigmas = torch.tensor([float(percent_to_sigma(float(p))) for p in percents], dtype=torch.float64)
         keep = sigmas > 0
-        # increasing in log sigma for torch's interpolation: reversed
-        self._log_sigmas = sigmas[keep].log().flip(0)
-        self._percents = percents[keep].flip(0)
+        # increasing in log sigma for the interpolation: reversed; host lists, so that a step's factor is
+        # found without touching a device (the patches call this inside the U-Net)
+        self._log_sigmas = sigmas[keep].log().flip(0).tolist()
+        self._percents = percents[keep].flip(0).tolist()
 
-    def percent_of(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The sampling percent of each sigma (0 = the first step's noise level, 1 = clean)."""
-        log_sigma = sigma.detach().to("cpu", torch.float64).clamp_min(1e-12).log()
+    def percent_at(self, sigma: float) -> float:
+        """The sampling percent of one sigma (0 = the first step's noise level, 1 = clean)."""
         x, y = self._log_sigmas, self._percents
-        index = torch.searchsorted(x, log_sigma).clamp(1, x.numel() - 1)
+        log_sigma = math.log(max(float(sigma), 1e-12))
+        index = min(max(bisect.bisect_left(x, log_sigma), 1), len(x) - 1)
         x0, x1, y0, y1 = x[index - 1], x[index], y[index - 1], y[index]
-        t = ((log_sigma - x0) / (x1 - x0)).clamp(0, 1)
+        t = min(max((log_sigma - x0) / (x1 - x0), 0.0), 1.0)
         return y0 + t * (y1 - y0)
 
-    def progress_of(self, sigma: torch.Tensor) -> torch.Tensor:
+    def progress_at(self, sigma: float) -> float:
         span = self.end_percent - self.start_percent
         if span <= 0:
-            return torch.zeros(sigma.shape, dtype=torch.float64)
-        return ((self.percent_of(sigma) - self.start_percent) / span).clamp(0, 1)
+            return 0.0
+        return min(max((self.percent_at(sigma) - self.start_percent) / span, 0.0), 1.0)
+
+    def factors_of(self, sigmas: Sequence[float]) -> list[float]:
+        """The multiplier at each sigma, as host floats rounded to float32."""
+        return [float32(schedule_factor(self.schedule, self.progress_at(s))) for s in sigmas]
+
+    def percent_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``percent_at`` of each sigma of a tensor, as a float64 CPU tensor."""
+        return torch.tensor([self.percent_at(s) for s in sigma.detach().reshape(-1).tolist()],
+                            dtype=torch.float64).reshape(sigma.shape)
 
     def factors(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Float32 multiplier per sigma."""
-        return schedule_factor(self.schedule, self.progress_of(sigma)).to(torch.float32)
+        """Float32 multiplier per sigma of a tensor."""
+        return torch.tensor(self.factors_of(sigma.detach().reshape(-1).tolist()),
+                            dtype=torch.float32).reshape(sigma.shape)
 
 
 FRAME_ENTRY = re.compile(r"^\s*(\d+)\s*[=:]\s*(\S+)\s*$")
