@@ -24,8 +24,19 @@ one micro-batch of ``--batch`` rows, the optimizer excluded: it is the same
 small AdamW update over 25M parameters for every configuration). samples/s =
 batch / median step time. Each step's floating-point operations, forward and
 backward, are counted once with torch's FlopCounterMode (machine-independent:
-what GPU-hour estimates scale from). On a GPU the peak memory per step is
-reported too.
+what GPU-hour estimates scale from).
+
+Peak memory per step: on a GPU ``torch.cuda.max_memory_allocated`` (tensors
+only), on the CPU the process's peak resident set size from the kernel (VmHWM,
+reset before the step: the benchmark's ``PeakMemory``), which holds the
+weights, the step's activations and gradients, and the Python/torch/ComfyUI
+runtime; the RSS before the step is recorded beside it. One process reuses
+memory freed by an earlier step without the RSS showing it, so measure one
+step kind per process (``--step``) for clean numbers. ``--memory-only`` runs
+each step once under the probe (no repeats, no FLOP count: for shapes that
+take minutes a step); ``--weights bf16`` keeps the U-Net in bf16 as ComfyUI
+loads it on a GPU; ``--optimizer adamw|adafactor`` adds the trainer's
+optimizer step (its state) to the DreamCache steps.
 Gradient checkpointing recomputes the middle and decoder blocks
 (``training_loss.gradient_checkpointing``), for the plain step as well.
 """
@@ -41,11 +52,13 @@ from typing import Optional
 
 import torch
 
-from .benchmark import (SHAPES, command_line, conditioning, counted_flops, environment_info, median,
+from .benchmark import (SHAPES, PeakMemory, command_line, conditioning, counted_flops, environment_info, median,
                         prepare_device, report_results, synchronize)
 from ..comfy_bridge.models import meta_unet, random_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STEPS = ("plain", "adapter", "adapter_cached")
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,9 @@ class StepSettings:
     warmup: int = 1
     seed: int = 0
     timestep: int = 500
+    steps: tuple = STEPS          # which step kinds run
+    memory_only: bool = False     # one probed run per step kind, no repeats, no FLOP count
+    optimizer: str = "none"       # none | adamw | adafactor: the DreamCache steps include the optimizer step
 
 
 def training_rows(model_patcher, shape, settings: StepSettings, device: torch.device):
@@ -90,13 +106,15 @@ def timed(device: torch.device, run) -> float:
     return time.perf_counter() - start
 
 
-def peak_memory(device: torch.device, run) -> Optional[int]:
-    if device.type != "cuda":
-        run()
-        return None
-    torch.cuda.reset_peak_memory_stats(device)
-    run()
-    return int(torch.cuda.max_memory_allocated(device))
+def peak_memory(device: torch.device, run) -> tuple:
+    """(peak bytes, bytes before, seconds) of one ``run()``: CUDA max_memory_allocated, or the process's peak
+    RSS on the CPU (``benchmark.PeakMemory``)."""
+    import gc
+
+    gc.collect()
+    with PeakMemory(device) as probe:
+        seconds = timed(device, run)
+    return probe.peak_bytes, probe.start_bytes, seconds
 
 
 def benchmark_configuration(model_patcher, adapter, shape, settings: StepSettings, device: torch.device,
@@ -129,42 +147,57 @@ def benchmark_configuration(model_patcher, adapter, shape, settings: StepSetting
             unet.requires_grad_(False)
             unet.zero_grad(set_to_none=True)
 
+    optimizer = None
+    if settings.optimizer != "none":
+        from ..training.training_loop import TrainConfig, make_optimizer
+
+        optimizer = make_optimizer(adapter.parameters(), TrainConfig(output_dir="", optimizer=settings.optimizer))
+
     def adapter_step(with_encode: bool):
         step_rows = cached_rows
         if with_encode:
             step_rows = [LossRow(r.latent, r.noise, r.sigma, r.cond, r.pooled, c)
                          for r, c in zip(rows, encode_all())]
         denoising_losses(model_patcher, adapter, step_rows, autocast=autocast).sum().backward()
+        if optimizer is not None:
+            optimizer.step()
         adapter.zero_grad(set_to_none=True)
 
     runs = {"plain": plain_step, "adapter": lambda: adapter_step(True), "adapter_cached": lambda: adapter_step(False)}
+    runs = {name: run for name, run in runs.items() if name in settings.steps}
     times = {name: [] for name in runs}
-    memory = {}
+    memory, memory_before = {}, {}
+    flops = {}
     with gradient_checkpointing(unet, checkpointing):
         for name, run in runs.items():
-            for _ in range(settings.warmup):
+            for _ in range(0 if settings.memory_only else settings.warmup):
                 run()
-            memory[name] = peak_memory(device, run)
-        for repeat in range(settings.repeats):
+            memory[name], memory_before[name], seconds = peak_memory(device, run)
+            if settings.memory_only:
+                times[name].append(seconds)
+        for repeat in range(0 if settings.memory_only else settings.repeats):
             order = list(runs) if repeat % 2 == 0 else list(reversed(list(runs)))
             for name in order:
                 times[name].append(timed(device, runs[name]))
-        flops = {name: counted_flops(run, gradients=True) for name, run in runs.items()}
+        if not settings.memory_only:
+            flops = {name: counted_flops(run, gradients=True) for name, run in runs.items()}
     seconds = {name: median(values) for name, values in times.items()}
-    return {"flops_per_sample": {name: count / settings.batch for name, count in flops.items()},"shape": shape.name, "image_size": shape.latent * 8, "precision": precision,
+    return {"flops_per_sample": {name: count / settings.batch for name, count in flops.items()},
+            "shape": shape.name, "image_size": shape.latent * 8, "precision": precision,
             "gradient_checkpointing": checkpointing, "batch": settings.batch, "seconds": seconds,
             "all_seconds": times, "samples_per_second": {n: settings.batch / s for n, s in seconds.items()},
-            "peak_memory_bytes": memory}
+            "peak_memory_bytes": memory, "memory_before_step_bytes": memory_before,
+            "peak_memory_kind": PeakMemory(device).kind, "optimizer": settings.optimizer}
 
 
 def benchmark_shape(name: str, device: torch.device, settings: StepSettings, precisions: list,
-                    checkpointing: list, log) -> list:
+                    checkpointing: list, log, weights: str = "fp32") -> list:
     from ..method.adapter import build_adapter
     from ..method.layers import discover_memory_layers, model_signature
 
     shape = SHAPES[name]
     log(f"{name}: building the U-Net ({shape.description})")
-    model_patcher = random_model(shape.family, shape.unet, settings.seed, torch.float32, device)
+    model_patcher = random_model(shape.family, shape.unet, settings.seed, WEIGHT_DTYPES[weights], device)
     unet = model_patcher.model.diffusion_model
     unet.requires_grad_(False)
     adapter = build_adapter(discover_memory_layers(unet), model_signature(unet), seed=settings.seed).to(device)
@@ -176,6 +209,7 @@ def benchmark_shape(name: str, device: torch.device, settings: StepSettings, pre
             result = benchmark_configuration(model_patcher, adapter, shape, settings, device, precision, enabled)
             result["adapter_parameters"] = adapter.parameter_count()
             result["unet_parameters"] = sum(p.numel() for p in unet.parameters())
+            result["weights"] = weights
             results.append(result)
     del model_patcher, unet, adapter
     if device.type == "cuda":
@@ -217,29 +251,49 @@ def _memory(value: Optional[int]) -> str:
     return "n/a" if value is None else f"{value / 2 ** 30:.2f} GiB"
 
 
+def _rate(r: dict, name: str) -> str:
+    if name not in r["seconds"]:
+        return "n/a"
+    return f"{r['samples_per_second'][name]:.2f} samples/s ({r['seconds'][name] * 1000:.0f} ms)"
+
+
+def _ratio(values: dict, name: str) -> str:
+    if name not in values or "plain" not in values:
+        return "n/a"
+    return f"{values[name] / values['plain']:.2f}x"
+
+
+def _tflop(values: dict, name: str) -> str:
+    return f"{values[name] / 1e12:.4g}" if name in values else "n/a"
+
+
 def markdown_table(results: list, environment: dict, command: str) -> str:
     lines = [f"Command: `{command}`", "",
              f"Machine: {environment['device_name']}, torch {environment['torch']}, {environment['threads']} threads.",
              "",
              "| shape | precision | grad. checkpointing | batch | plain U-Net fwd+bwd | DreamCache step (Encode + fwd+bwd) "
              "| DreamCache step, cached | step / plain (time) | step / plain (FLOPs) | TFLOP per sample plain / DreamCache "
-             "| peak memory plain / DreamCache |",
+             "| peak memory plain / DreamCache / cached |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        s, sps, m, f = r["seconds"], r["samples_per_second"], r["peak_memory_bytes"], r["flops_per_sample"]
+        s, m, f = r["seconds"], r["peak_memory_bytes"], r["flops_per_sample"]
         lines.append(
             f"| {r['shape']} ({r['image_size']}px) | {r['precision']} | {'on' if r['gradient_checkpointing'] else 'off'} "
-            f"| {r['batch']} | {sps['plain']:.2f} samples/s ({s['plain'] * 1000:.0f} ms) "
-            f"| {sps['adapter']:.2f} samples/s ({s['adapter'] * 1000:.0f} ms) "
-            f"| {sps['adapter_cached']:.2f} samples/s ({s['adapter_cached'] * 1000:.0f} ms) "
-            f"| {s['adapter'] / s['plain']:.2f}x / {s['adapter_cached'] / s['plain']:.2f}x "
-            f"| {f['adapter'] / f['plain']:.2f}x / {f['adapter_cached'] / f['plain']:.2f}x "
-            f"| {f['plain'] / 1e12:.4g} / {f['adapter'] / 1e12:.4g} "
-            f"| {_memory(m['plain'])} / {_memory(m['adapter'])} |")
-    lines += ["", "Step = one micro-batch (forward + backward, optimizer excluded), median of the timed repeats; "
-                  "samples/s = batch / step time; step / plain = DreamCache step (with Encode / with cached references) "
-                  "over the plain step. FLOPs: torch's FlopCounterMode over one step, forward and backward "
-                  "(machine-independent). Random weights; fp32 weights with the listed autocast."]
+            f"| {r['batch']} | {_rate(r, 'plain')} | {_rate(r, 'adapter')} | {_rate(r, 'adapter_cached')} "
+            f"| {_ratio(s, 'adapter')} / {_ratio(s, 'adapter_cached')} "
+            f"| {_ratio(f, 'adapter')} / {_ratio(f, 'adapter_cached')} "
+            f"| {_tflop(f, 'plain')} / {_tflop(f, 'adapter')} "
+            f"| {_memory(m.get('plain'))} / {_memory(m.get('adapter'))} / {_memory(m.get('adapter_cached'))} |")
+    kinds = sorted({r.get("peak_memory_kind", "") for r in results})
+    weights = sorted({r.get("weights", "fp32") for r in results})
+    optimizers = sorted({r.get("optimizer", "none") for r in results})
+    lines += ["", "Step = one micro-batch (forward + backward"
+                  + (", optimizer excluded" if optimizers == ["none"] else
+                     f"; the DreamCache steps include the {'/'.join(optimizers)} optimizer step") +
+                  "), median of the timed repeats; samples/s = batch / step time; step / plain = DreamCache step "
+                  "(with Encode / with cached references) over the plain step. FLOPs: torch's FlopCounterMode over "
+                  "one step, forward and backward (machine-independent). Random weights; "
+                  f"{'/'.join(weights)} U-Net weights with the listed autocast. Peak memory: {', '.join(kinds)}."]
     return "\n".join(lines)
 
 
@@ -252,6 +306,15 @@ def parse_args(argv=None):
     p.add_argument("--precision", action="append", choices=sorted(PRECISIONS),
                    help="autocast precision(s), repeatable (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--checkpointing", default="off", choices=["off", "on", "both"], help="gradient checkpointing")
+    p.add_argument("--weights", default="fp32", choices=sorted(WEIGHT_DTYPES),
+                   help="U-Net weight dtype (fp32: as the trainer keeps --unet-dtype fp32; ComfyUI's auto choice on "
+                        "a GPU is fp16/bf16)")
+    p.add_argument("--step", action="append", choices=STEPS,
+                   help="step kinds to run, repeatable (default: all three); one per process gives clean CPU peaks")
+    p.add_argument("--memory-only", action="store_true",
+                   help="run each step once under the peak-memory probe (no warm-up, repeats or FLOP count)")
+    p.add_argument("--optimizer", default="none", choices=["none", "adamw", "adafactor"],
+                   help="add the trainer's optimizer step to the DreamCache steps (its state counts in the peak)")
     p.add_argument("--batch", type=int, default=2, help="rows per step")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -276,7 +339,9 @@ def main(argv=None) -> list:
     command = command_line(argv, "dreamcache_core.evaluation.training_benchmark")
     precisions = args.precision or (["bf16"] if device.type == "cuda" else ["fp32"])
     checkpointing = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
-    settings = StepSettings(args.batch, args.repeats, args.warmup, args.seed)
+    settings = StepSettings(args.batch, args.repeats, args.warmup, args.seed,
+                            steps=tuple(s for s in STEPS if s in (args.step or STEPS)), memory_only=args.memory_only,
+                            optimizer=args.optimizer)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     if args.forward_flops:
         counts = {name: meta_forward_flops(name) for name in args.shape or ["tiny"]}
@@ -288,7 +353,7 @@ def main(argv=None) -> list:
         return [counts]
     results = []
     for name in args.shape or ["tiny"]:
-        results += benchmark_shape(name, device, settings, precisions, checkpointing, log)
+        results += benchmark_shape(name, device, settings, precisions, checkpointing, log, args.weights)
     environment = environment_info(device)
     report_results(markdown_table(results, environment, command), results, environment, command, args.markdown,
                    args.json)
