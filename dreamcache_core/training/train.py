@@ -41,7 +41,7 @@ import torch
 
 from .data_formats import AUGMENTED_BY_DEFAULT, DATA_FORMATS
 from .reference_augmentation import AUGMENT_MODES
-from .training_loop import DistributedInfo, TrainConfig
+from .training_loop import OPTIMIZERS, DistributedInfo, TrainConfig
 
 DEFAULT_AUGMENT_VARIANTS = 4
 
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (authors: 1e-5)")
     g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+                   help="adamw (the authors'; 8 bytes of state per adapter parameter) or adafactor (next to no "
+                        "state; a relative step, so its lr is not AdamW's: see training_loop.make_optimizer)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
     g.add_argument("--caption-dropout", type=float,
@@ -265,7 +268,7 @@ def main(argv=None) -> int:
         caption_dropout=args.caption_dropout, reference_dropout=args.reference_dropout, seed=args.seed,
         timestep_range=tuple(args.timestep_range), mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_masks=not args.no_masks, save_every=args.save_every,
-        log_every=args.log_every, progress=not args.no_progress)
+        log_every=args.log_every, progress=not args.no_progress, optimizer=args.optimizer)
     trainer = AdapterTrainer(model, adapter, source, config, distributed, log=log)
     log(f"training {adapter.parameter_count():,} adapter parameters on {len(source)} samples "
         f"({model.model.model_type.name} prediction, device {trainer.device}, "
