@@ -39,8 +39,8 @@ from typing import Callable, Optional
 from ..masking.subject_filters import Detection, FilterSettings, mask_fraction, rejection
 from .sharded_manifest import shard_name
 from .subjects200k import QUALITY_KEYS, QUALITY_MAX, BadRow, decode_picture, iter_rows, split_views, survey
-from .synthesize import (KEPT, ShardState, finish_shard, owns_shard, rank_and_world, read_shard_summary, row_id,
-                         shard_of, write_index_if_complete)
+from .synthesize import (KEPT, ShardState, add_segmentation_arguments, finish_shard, owns_shard, rank_and_world,
+                         read_shard_summary, row_id, shard_of, write_index_if_complete)
 from .training_data import UnusableRow
 
 SETTINGS_FILE = "prepare.json"
@@ -305,14 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-quality", type=float, default=QUALITY_MAX,
                    help="lowest score kept, on each of the three quality scores (0-5; default 5)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("segmentation")
-    g.add_argument("--detector", help="Grounding-DINO folder (transformers save_pretrained / a local hub copy)")
-    g.add_argument("--segmenter", help="SAM folder for transformers' SamModel (with --detector)")
-    g.add_argument("--sam", help="without --detector: a segment-anything checkpoint, prompted automatically")
-    g.add_argument("--device", help="device of the segmentation models (default: cuda when available)")
-    g.add_argument("--min-score", type=float, default=FilterSettings.min_score, help="lowest detection score kept")
-    g.add_argument("--min-mask-fraction", type=float, default=FilterSettings.min_fraction)
-    g.add_argument("--max-mask-fraction", type=float, default=FilterSettings.max_fraction)
+    add_segmentation_arguments(p)
     g = p.add_argument_group("references and output")
     g.add_argument("--reference-size", type=int, default=512)
     g.add_argument("--margin", type=float, default=0.1, help="free space around the cut-out subject (fraction)")

@@ -488,6 +488,18 @@ class PipelineRenderer:
 # Command line
 # --------------------------------------------------------------------------
 
+def add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
+    """The segmentation options (what ``make_segmenter`` reads) shared by synthesis and Subjects200K preparation."""
+    g = p.add_argument_group("segmentation")
+    g.add_argument("--detector", help="Grounding-DINO folder (transformers save_pretrained / a local hub copy)")
+    g.add_argument("--segmenter", help="SAM folder for transformers' SamModel (with --detector)")
+    g.add_argument("--sam", help="without --detector: a segment-anything checkpoint, prompted automatically")
+    g.add_argument("--device", help="device of the segmentation models (default: cuda when available)")
+    g.add_argument("--min-score", type=float, default=FilterSettings.min_score, help="lowest detection score kept")
+    g.add_argument("--min-mask-fraction", type=float, default=FilterSettings.min_fraction)
+    g.add_argument("--max-mask-fraction", type=float, default=FilterSettings.max_fraction)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dreamcache_core.training.synthesize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -507,14 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default="")
     g.add_argument("--seed", type=int, default=0, help="row n renders with seed + n")
     g.add_argument("--batch", type=int, default=1, help="rows rendered together")
-    g = p.add_argument_group("segmentation")
-    g.add_argument("--detector", help="Grounding-DINO folder (transformers save_pretrained / a local hub copy)")
-    g.add_argument("--segmenter", help="SAM folder for transformers' SamModel (with --detector)")
-    g.add_argument("--sam", help="without --detector: a segment-anything checkpoint, prompted automatically")
-    g.add_argument("--device", help="device of the segmentation models (default: cuda when available)")
-    g.add_argument("--min-score", type=float, default=FilterSettings.min_score, help="lowest detection score kept")
-    g.add_argument("--min-mask-fraction", type=float, default=FilterSettings.min_fraction)
-    g.add_argument("--max-mask-fraction", type=float, default=FilterSettings.max_fraction)
+    add_segmentation_arguments(p)
     g = p.add_argument_group("references and output")
     g.add_argument("--references-per-image", type=int, default=1)
     g.add_argument("--reference-size", type=int, default=512)
