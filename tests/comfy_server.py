@@ -137,6 +137,12 @@ def new_base_directory(root: Path) -> Path:
     return base
 
 
+def link_file(target: Path, source: Path) -> None:
+    """Put ``source`` into a base directory's folder as ``target`` (a symlink, nothing copied)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(source)
+
+
 def require_comfyui() -> Path:
     comfy = comfyui_path()
     if comfy is None:

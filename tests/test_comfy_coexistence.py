@@ -185,7 +185,7 @@ def test_dreamcache_stacks_with_a_model_patch_in_both_orders(env, plain, name):
 
 def random_controlnet(model):
     """A ControlNet of the tiny U-Net's shape (comfy.cldm) with seeded random weights, zero convolutions
-    included, wrapped as the ControlNet Loader wraps one."""
+    included, wrapped as the ControlNet Loader wraps an SD1.5 one (its hint is an image, not a latent)."""
     import comfy.cldm.cldm
     import comfy.controlnet
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import initialise_seeded
@@ -195,8 +195,7 @@ def random_controlnet(model):
     config.update(hint_channels=3, dtype=torch.float32, device=torch.device("cpu"))
     control_model = comfy.cldm.cldm.ControlNet(**config)
     initialise_seeded(control_model, seed=23)
-    return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"), manual_cast_dtype=None,
-                                       latent_format=model.model.latent_format)
+    return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"), manual_cast_dtype=None)
 
 
 def test_dreamcache_stacks_with_a_controlnet(env, plain):

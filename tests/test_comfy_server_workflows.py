@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pytest
 
-from comfy_server import new_base_directory, running_server
+from comfy_server import link_file, new_base_directory, running_server
 from conftest import PACK_ROOT, import_comfy
 from frontend_prompts import chromium_or_skip, frontend_prompts
 
@@ -66,11 +66,6 @@ def write_reference_photo(path, hue_shift: int):
     shading = 0.7 + 0.3 * np.cos(12 * x) * np.cos(9 * y)
     image = np.where(blob[..., None], colour * shading[..., None], background)
     Image.fromarray((np.clip(image, 0, 1) * 255).astype(np.uint8)).save(path)
-
-
-def link_file(target, source):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(source)
 
 
 @pytest.fixture(scope="module")

@@ -194,3 +194,49 @@ def test_memory_kv_memo_under_inference_mode_no_grad_and_training(tmp_path):
     expected_k, _ = layer.project_memory(cache.memory_tokens(SPEC.key, "cpu", torch.float32))
     torch.testing.assert_close(refreshed[1], expected_k.detach())
     assert (after - in_prompt).abs().max() > 1e-4
+
+
+def test_the_pack_nests_its_patches_outside_a_token_merging_pair_in_either_order():
+    """A pair that merges the queries in attn1_patch and unmerges in attn1_output_patch (as Token Merging and
+    HyperTile do): with the model call's options made by the apply_model wrapper, DreamCache adapts the
+    block's own tokens whichever pair was registered first; ComfyUI's raw order would hand it a merged layout."""
+    import pytest
+
+    from comfyui_dreamcache.dreamcache_core.method.patch import call_options
+
+    def merge(n, context, value, extra):
+        return n[:, ::2], context, value
+
+    def unmerge(out, extra):
+        return out.repeat_interleave(2, dim=1)
+
+    injection = make_injection()
+    n0 = random_tensor(2, 16, SPEC.dim, seed=40)
+    expected = direct_adapter(injection, n0, unmerge(merge(n0, n0, n0, {})[0] * 2, {}))
+
+    def run(first_ours: bool, wrapped: bool):
+        pre, post = [merge], [unmerge]
+        if first_ours:
+            pre, post = [injection.attn1_patch] + pre, [injection.attn1_output_patch] + post
+        else:
+            pre, post = pre + [injection.attn1_patch], post + [injection.attn1_output_patch]
+        options = {"patches": {"attn1_patch": pre, "attn1_output_patch": post}}
+        if wrapped:
+            options = call_options(options, torch.full((2,), 5.0))
+            assert options["patches"]["attn1_patch"][0] is injection.attn1_patch
+            assert options["patches"]["attn1_output_patch"][-1] is injection.attn1_output_patch
+            assert pre[0] is (injection.attn1_patch if first_ours else merge), "the registered lists stay as they were"
+        extra = dict(options, block=("output", 4), block_index=0, cond_or_uncond=[0], sigmas=torch.full((2,), 5.0),
+                     n_heads=SPEC.heads, dim_head=SPEC.dim_head)
+        n = context = value = n0
+        for patch in extra["patches"]["attn1_patch"]:
+            n, context, value = patch(n, context, value, extra)
+        out = n * 2  # a token-wise stand-in for the attention
+        for patch in extra["patches"]["attn1_output_patch"]:
+            out = patch(out, extra)
+        return out
+
+    for first_ours in (True, False):
+        torch.testing.assert_close(run(first_ours, wrapped=True), expected, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="token layout"):
+            run(first_ours, wrapped=False)

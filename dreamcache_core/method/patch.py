@@ -279,20 +279,54 @@ def row_sigmas(batch: int, extra_options: dict) -> Optional[list]:
 
 
 def record_row_sigmas(executor, x, t, *args, **kwargs):
-    """ComfyUI apply_model wrapper: read the rows' sigmas ``t`` to the host once per model call, before the
-    U-Net runs, and hand them to the patches in the transformer options, so that deciding which rows to
-    personalise costs the U-Net call no device-to-host transfer (one read per call instead of one per memory
-    layer, and none while the U-Net's kernels are queued)."""
+    """ComfyUI apply_model wrapper: the transformer options of one model call, made once before the U-Net runs.
+
+    - The rows' sigmas ``t`` are read to the host and handed to the patches, so that deciding which rows to
+      personalise costs the U-Net call no device-to-host transfer (one read per call instead of one per memory
+      layer, and none while the U-Net's kernels are queued).
+    - The pack's attn1 patches are nested outside every other pack's (``nested_outermost``), whatever order the
+      nodes were applied in.
+    """
     options_at = 4  # apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     if len(args) > options_at - 1:
-        options = dict(args[options_at - 1])
-        options[ROW_SIGMAS_KEY] = t.detach().float().reshape(-1).tolist()
+        options = call_options(args[options_at - 1], t)
         args = args[:options_at - 1] + (options,) + args[options_at:]
     else:
-        options = dict(kwargs.get("transformer_options") or {})
-        options[ROW_SIGMAS_KEY] = t.detach().float().reshape(-1).tolist()
-        kwargs["transformer_options"] = options
+        kwargs["transformer_options"] = call_options(kwargs.get("transformer_options"), t)
     return executor(x, t, *args, **kwargs)
+
+
+def call_options(transformer_options, t) -> dict:
+    """A copy of one model call's transformer options with the rows' sigmas and the pack's patches outermost."""
+    options = nested_outermost(dict(transformer_options or {}))
+    options[ROW_SIGMAS_KEY] = t.detach().float().reshape(-1).tolist()
+    return options
+
+
+def nested_outermost(options: dict) -> dict:
+    """``options`` with the pack's attn1_patch entries first and its attn1_output_patch entries last (each
+    kind's other entries keep their order; the lists are copies).
+
+    ComfyUI runs both lists in registration order, so a pair that changes the self-attention's token layout
+    (Token Merging merges the queries, HyperTile cuts them into tiles, each undoing it in its output patch)
+    would otherwise sit between the norm1(x) the pack keeps and the attention output it adapts. Outermost, the
+    adapter always sees the block's own layout, which is the layout it was trained on."""
+    patches = options.get("patches")
+    if not patches:
+        return options
+    ours_first = patches.get("attn1_patch", [])
+    ours_last = patches.get("attn1_output_patch", [])
+    if not any(isinstance(p, (DreamCacheNorm1Patch, DreamCacheOutputPatch)) for p in ours_first + ours_last):
+        return options
+    patches = dict(patches)
+    if ours_first:
+        patches["attn1_patch"] = ([p for p in ours_first if isinstance(p, DreamCacheNorm1Patch)]
+                                  + [p for p in ours_first if not isinstance(p, DreamCacheNorm1Patch)])
+    if ours_last:
+        patches["attn1_output_patch"] = ([p for p in ours_last if not isinstance(p, DreamCacheOutputPatch)]
+                                         + [p for p in ours_last if isinstance(p, DreamCacheOutputPatch)])
+    options["patches"] = patches
+    return options
 
 
 @dataclass(frozen=True)
@@ -351,6 +385,11 @@ class DreamCacheOutputPatch:
         n = extra_options.pop(injection.state_key, None)
         if n is None:
             return a1
+        if n.shape != a1.shape:
+            raise RuntimeError(
+                f"Apply DreamCache: at memory layer {key} another patch changed the self-attention's token layout "
+                f"(norm1(x) {tuple(n.shape)}, attention output {tuple(a1.shape)}) in a way DreamCache cannot nest "
+                "around. Remove that patch from this model, or apply it to a model without DreamCache.")
         plan = injection.plan(key, a1.shape[0], extra_options)
         if plan is None:
             return a1
