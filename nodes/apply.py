@@ -4,10 +4,13 @@ from comfy_api.v0_0_2 import io
 from ..dreamcache_core.method.cache import parse_reference_weights
 from ..dreamcache_core.method.controls import DEFAULT_LAYER_PRESET, LAYER_PRESETS, layer_weight_entries
 from ..dreamcache_core.method.injection import build_injections as core_build_injections
-from ..dreamcache_core.method.patch import NEGATIVE_CHUNK, POSITIVE_CHUNK, attach_injection
+from ..dreamcache_core.method.input_checks import GROUP_WEIGHT_RANGE, PERCENT_RANGE, STRENGTH_RANGE
+from ..dreamcache_core.comfy_bridge import attach_injection
+from ..dreamcache_core.method.patch import NEGATIVE_CHUNK, POSITIVE_CHUNK
 from ..dreamcache_core.method.schedules import CONSTANT_SCHEDULE, STEP_SCHEDULES, parse_frame_weights
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache
-from .widget_checks import choice_problem, text_problem, validation_result, widget_problems
+from .widget_checks import (check_number_inputs, choice_problem, text_problem, validation_result,
+                            widget_problems)
 
 APPLY_TO_CHUNKS = {"positive only": (POSITIVE_CHUNK,), "positive and negative": None}
 REFERENCE_MODES = {"all references shared": "shared", "one reference per image": "per_image"}
@@ -36,6 +39,10 @@ WEIGHT_SCHEDULE_TOOLTIP = ("How the strength changes from start_percent to end_p
 FRAME_WEIGHTS_TOOLTIP = ("A strength factor per image of the latent batch (per frame of an animation): one weight per "
                          "frame ('1, 0.8, 0.5'; the last holds for later frames) or keyframes frame=weight ('0=1, 15=0', "
                          "linear in between). Empty = 1 for every frame; 0 leaves that frame exactly unpersonalised.")
+ADAPTER_TOOLTIP = ("Adapters trained for this base model, from Load DreamCache Adapter (files in "
+                   "ComfyUI/models/dreamcache). Released today: the authors' SD2.1-base adapter (linked from "
+                   "github.com/Emanuele97x/DreamCache); SD1.5 and SDXL adapters are trained with the pack's training "
+                   "script.")
 NEGATIVE_CACHE_TOOLTIP = ("Optional negative reference (e.g. Encode DreamCache of a Reference Noise image, or another "
                           "subject, or Combine's negative_cache): injected where the sampler's negative prompt is "
                           "evaluated instead of no reference, so sampling steers away from it (KSampler at cfg 1 "
@@ -54,10 +61,12 @@ def optional_control_inputs(with_schedule=True, negative_tooltip=NEGATIVE_CACHE_
     ]
     if with_schedule:
         inputs += [
-            io.Float.Input("middle_weight", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+            io.Float.Input("middle_weight", default=1.0, min=GROUP_WEIGHT_RANGE[0], max=GROUP_WEIGHT_RANGE[1],
+                           step=0.01, optional=True,
                            tooltip="Multiplies the strength at the middle (lowest-resolution) memory layer: shape "
                                    "and identity."),
-            io.Float.Input("decoder_weight", default=1.0, min=0.0, max=2.0, step=0.01, optional=True,
+            io.Float.Input("decoder_weight", default=1.0, min=GROUP_WEIGHT_RANGE[0], max=GROUP_WEIGHT_RANGE[1],
+                           step=0.01, optional=True,
                            tooltip="Multiplies the strength at the decoder memory layers: appearance and detail."),
             io.String.Input("layer_weights", default="", multiline=False, optional=True,
                             tooltip="Per-layer multipliers that override middle/decoder_weight, e.g. "
@@ -119,13 +128,16 @@ class DreamCacheApply(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to personalise. It is cloned: the input MODEL stays "
                                                 "unpatched for other samplers."),
-                Adapter.Input("adapter", tooltip="Adapters trained for this base model."),
+                Adapter.Input("adapter", tooltip=ADAPTER_TOOLTIP),
                 Cache.Input("cache", tooltip="The reference cache from Encode DreamCache (same base model)."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.01,
+                io.Float.Input("strength", default=1.0, min=STRENGTH_RANGE[0], max=STRENGTH_RANGE[1],
+                               step=0.01,
                                tooltip="How much of the adapter's change to keep; 0 returns exactly the input model."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                io.Float.Input("start_percent", default=0.0, min=PERCENT_RANGE[0], max=PERCENT_RANGE[1],
+                               step=0.001,
                                tooltip="Sampling progress at which personalisation starts."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                io.Float.Input("end_percent", default=1.0, min=PERCENT_RANGE[0], max=PERCENT_RANGE[1],
+                               step=0.001,
                                tooltip="Sampling progress at which personalisation stops."),
                 io.Combo.Input("apply_to", options=list(APPLY_TO_CHUNKS), default="positive only",
                                tooltip="'positive only' injects the reference into the positive batch only (the "
@@ -156,6 +168,8 @@ class DreamCacheApply(io.ComfyNode):
                 reference_mode="all references shared", reference_weights="", middle_weight=1.0, decoder_weight=1.0,
                 layer_weights="", negative_cache=None, layer_preset=DEFAULT_LAYER_PRESET,
                 weight_schedule=CONSTANT_SCHEDULE, frame_weights=""):
+        check_number_inputs(cls, {"strength": strength, "start_percent": start_percent, "end_percent": end_percent,
+                                  "middle_weight": middle_weight, "decoder_weight": decoder_weight})
         if strength == 0:
             return io.NodeOutput(model)
         if apply_to not in APPLY_TO_CHUNKS:

@@ -10,11 +10,27 @@ from .model_folders import CACHE_FOLDER, CACHE_OUTPUT_SUBFOLDER
 from .widget_checks import validation_result
 
 
+NAME_MAX_BYTES = 255  # the longest file or folder name ext4, XFS, btrfs, APFS and NTFS allow (bytes in UTF-8)
+SAVED_SUFFIX = "_00000_.safetensors"  # what Save adds to the prefix's last part (the counter may grow it)
+
+
 def filename_prefix_problem(prefix):
     """None for a usable prefix (or none given), else why no file can be named after it."""
-    if prefix is not None and "\x00" in prefix:
-        return ("filename_prefix contains a NUL character (\\x00), which no file name may hold. Retype the prefix, "
-                f"e.g. '{CACHE_OUTPUT_SUBFOLDER}/reference'.")
+    if prefix is None:
+        return None
+    example = f"Retype the prefix, e.g. '{CACHE_OUTPUT_SUBFOLDER}/reference'."
+    if "\x00" in prefix:
+        return f"filename_prefix contains a NUL character (\\x00), which no file name may hold. {example}"
+    parts = prefix.replace("\\", "/").split("/")
+    for index, part in enumerate(parts):
+        last = index == len(parts) - 1
+        size = len((part + (SAVED_SUFFIX if last else "")).encode("utf-8", "surrogatepass"))
+        if size > NAME_MAX_BYTES:
+            shown = part if len(part) <= 40 else f"{part[:40]}... ({len(part)} characters)"
+            what = (f"its file name part '{shown}' makes a file name of {size} bytes (with the "
+                    f"'{SAVED_SUFFIX}' Save adds)") if last else f"its folder name '{shown}' is {size} bytes long"
+            return (f"filename_prefix is too long for the file system: {what}, and file systems allow at most "
+                    f"{NAME_MAX_BYTES} bytes per name. Shorten it, e.g. '{CACHE_OUTPUT_SUBFOLDER}/reference'.")
     return None
 
 
@@ -49,7 +65,12 @@ class DreamCacheSave(io.ComfyNode):
         output_dir = folder_paths.get_output_directory()
         full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         file = f"{filename}_{counter:05}_.safetensors"
-        save_cache(cache, os.path.join(full_folder, file))
+        try:
+            save_cache(cache, os.path.join(full_folder, file))
+        except OSError as error:  # the file system's own limits (path length, permissions, a full disk)
+            raise OSError(f"Save DreamCache could not write {file[:60]!r} into {full_folder[:200]!r} "
+                          f"({error.strerror or error}). Check filename_prefix (shorter, no special characters) "
+                          "and that ComfyUI's output folder is writable with free space.") from error
         return io.NodeOutput(ui={"dreamcache": [{"filename": file, "subfolder": subfolder, "type": "output"}]})
 
 

@@ -3,9 +3,9 @@ a negative reference (subtract)."""
 from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.method.cache import COMBINE_MODES, combine_caches_by_mode, reference_weight_values
-from ..dreamcache_core.method.input_checks import check_number
+from ..dreamcache_core.method.input_checks import COMBINE_WEIGHT_RANGE
 from .io_types import CATEGORY_CACHE, Cache
-from .widget_checks import choice_problem, text_problem, validation_result, widget_problems
+from .widget_checks import check_number_inputs, choice_problem, text_problem, validation_result, widget_problems
 
 CACHE_SLOTS = 4
 MODE_TOOLTIP = ("What the combined memory is. 'union': the memory keys and values are every cache's subject tokens "
@@ -18,7 +18,8 @@ MODE_TOOLTIP = ("What the combined memory is. 'union': the memory keys and value
 
 
 def _weight_input(index):
-    return io.Float.Input(f"weight_{index}", default=1.0, min=0.0, max=10.0, step=0.01, optional=index > 2,
+    return io.Float.Input(f"weight_{index}", default=1.0, min=COMBINE_WEIGHT_RANGE[0], max=COMBINE_WEIGHT_RANGE[1],
+                          step=0.01, optional=index > 2,
                           tooltip=f"Relative weight of cache_{index}'s references (shared among them).")
 
 
@@ -73,8 +74,9 @@ class DreamCacheCombine(io.ComfyNode):
         given = [(cache, weight, index) for index, (cache, weight) in
                  enumerate(zip((cache_1, cache_2, cache_3, cache_4), (weight_1, weight_2, weight_3, weight_4)), 1)
                  if cache is not None]
+        check_number_inputs(cls, {f"weight_{index}": weight for _, weight, index in given})
         caches = [cache for cache, _, _ in given]
-        weights = [check_number(weight, f"weight_{index}") for _, weight, index in given]
+        weights = [float(weight) for _, weight, _ in given]
         return io.NodeOutput(*combine_caches_by_mode(caches, weights, mode))
 
 

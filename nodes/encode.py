@@ -4,6 +4,7 @@ from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.comfy_bridge import encode_reference
 from .io_types import CATEGORY_REFERENCE, Cache
+from .widget_checks import check_number_inputs
 
 DEFAULT_BATCH_SIZE = 16  # references per pass: typical batches are one pass, bit for bit as before
 
@@ -49,6 +50,7 @@ class DreamCacheEncode(io.ComfyNode):
         """Up to ``batch_size`` references per U-Net pass, the progress bar advanced after each pass. A batch that
         fits one pass is bit-identical to encoding it whole; split into passes it differs at the U-Net kernels'
         rounding for another batch size (measured on the CPU: up to 4e-3 on fp16 features)."""
+        check_number_inputs(cls, {"seed": seed, "batch_size": batch_size})  # linked numbers skip queue checks
         references = reference["samples"]
         progress = comfy.utils.ProgressBar(max(1, len(references)))
         cache = encode_reference(model, references, conditioning, seed, mask, batch_size,

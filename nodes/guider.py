@@ -4,9 +4,10 @@ from comfy_api.v0_0_2 import io
 from ..dreamcache_core.comfy_bridge import combined_guider
 from ..dreamcache_core.method.controls import DEFAULT_LAYER_PRESET
 from ..dreamcache_core.method.guidance import REFERENCE_CHUNKS, UNCONDITIONAL
-from .apply import build_injections, control_text_problems, optional_control_inputs
+from ..dreamcache_core.method.input_checks import GUIDANCE_SCALE_RANGE
+from .apply import ADAPTER_TOOLTIP, build_injections, control_text_problems, optional_control_inputs
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache
-from .widget_checks import validation_result, widget_problems
+from .widget_checks import check_number_inputs, validation_result, widget_problems
 
 
 class DreamCacheGuider(io.ComfyNode):
@@ -22,14 +23,16 @@ class DreamCacheGuider(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with (unpatched: the guider injects the "
                                                 "reference itself, into the two predictions that need it)."),
-                Adapter.Input("adapter", tooltip="Adapters trained for this base model."),
+                Adapter.Input("adapter", tooltip=ADAPTER_TOOLTIP),
                 Cache.Input("cache", tooltip="The reference cache from Encode DreamCache (same base model)."),
                 io.Conditioning.Input("positive", tooltip="The prompt describing the scene (T)."),
                 io.Conditioning.Input("negative", tooltip="The negative or empty prompt: used with the reference for "
                                                           "e(I,0) and without it for e(0,0)."),
-                io.Float.Input("text_cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                io.Float.Input("text_cfg", default=7.5, min=GUIDANCE_SCALE_RANGE[0],
+                               max=GUIDANCE_SCALE_RANGE[1], step=0.1, round=0.01,
                                tooltip="s_T: how strongly the prompt is followed (authors: 7.5)."),
-                io.Float.Input("image_cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                io.Float.Input("image_cfg", default=5.0, min=GUIDANCE_SCALE_RANGE[0],
+                               max=GUIDANCE_SCALE_RANGE[1], step=0.1, round=0.01,
                                tooltip="s_I: how strongly the reference subject is kept (authors: 5.0). Higher keeps "
                                        "more of the subject, lower edits more freely; equal to text_cfg it is the "
                                        "stock KSampler's joint guidance."),
@@ -56,6 +59,7 @@ class DreamCacheGuider(io.ComfyNode):
     def execute(cls, model, adapter, cache, positive, negative, text_cfg, image_cfg, attn_mask=None,
                 reference_mode="all references shared", reference_weights="", negative_cache=None,
                 layer_preset=DEFAULT_LAYER_PRESET, frame_weights=""):
+        check_number_inputs(cls, {"text_cfg": text_cfg, "image_cfg": image_cfg})
         injections = build_injections(model, adapter, cache, 1.0, 0.0, 1.0, REFERENCE_CHUNKS, attn_mask,
                                       reference_mode, reference_weights, negative_cache=negative_cache,
                                       negative_chunks=(UNCONDITIONAL,), layer_preset=layer_preset,

@@ -25,7 +25,7 @@ from ..dreamcache_core.masking.reference_mask import (
 from ..dreamcache_core.method.input_checks import check_finite_tensor
 from .io_types import CATEGORY_REFERENCE, SamModel
 from .sam_loader import as_sam_model
-from .widget_checks import text_problem, validation_result
+from .widget_checks import check_number_inputs, text_problem, validation_result
 
 
 def warn_if_mask_looks_inverted(masks) -> None:
@@ -91,6 +91,7 @@ class DreamCacheMaskReference(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, size, sam_model=None, mask=None, crop_position=DEFAULT_CROP_POSITION):
+        check_number_inputs(cls, {"size": size})  # a linked size skips ComfyUI's queue-time min/max
         crop_position = check_crop_position(DEFAULT_CROP_POSITION if crop_position is None else crop_position)
         if image.ndim == 3:
             image = image.unsqueeze(0)

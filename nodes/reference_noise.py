@@ -9,7 +9,7 @@ from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.masking.reference_noise import MODES, SEED_MAX, check_mode, noised_reference
 from .io_types import CATEGORY_REFERENCE
-from .widget_checks import text_problem, validation_result, widget_problems
+from .widget_checks import check_number_inputs, text_problem, validation_result, widget_problems
 
 MODE_TOOLTIP = ("How the reference is degraded. gaussian: random noise added to every pixel; shuffle: pixels trade "
                 "places (colours kept, shapes lost); fade: blended toward mid-grey; blur: gaussian blur (sigma up to "
@@ -60,9 +60,16 @@ class DreamCacheReferenceNoise(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mode, strength, seed, mask=None):
+        check_number_inputs(cls, {"strength": strength, "seed": seed})
         if isinstance(image, torch.Tensor) and image.ndim == 3:
             image = image.unsqueeze(0)
-        return io.NodeOutput(noised_reference(image, mode, strength, seed, mask))
+        progress = None
+        if mode == "blur":  # the slow mode on large photos: one step per image of the batch
+            import comfy.utils
+
+            bar = comfy.utils.ProgressBar(max(1, len(image)))
+            progress = lambda done, total: bar.update_absolute(done, total)  # noqa: E731
+        return io.NodeOutput(noised_reference(image, mode, strength, seed, mask, progress))
 
 
 NODES = [DreamCacheReferenceNoise]

@@ -1,9 +1,11 @@
-"""Queue-time validation (the V3 ``validate_inputs``, V1's ``VALIDATE_INPUTS``) shared by the DreamCache nodes.
+"""Checks of the DreamCache nodes' numbers and texts, at queue time and when the node runs.
 
 ComfyUI calls a node's ``validate_inputs`` classmethod when the prompt is queued, with the inputs it names that
-are widget values (a linked input is not passed: its value does not exist yet, so it is checked when the node
-runs). For every input a ``validate_inputs`` names, ComfyUI skips its own min/max check, so ``widget_problems``
-does it here, together with the finiteness check ComfyUI never does (NaN passes ``min <= value <= max``).
+are widget values (a linked input is not passed: its value does not exist yet, and ComfyUI checks no min/max
+of it at all). For every input a ``validate_inputs`` names, ComfyUI skips its own min/max check, so
+``widget_problems`` does it here, together with the finiteness check ComfyUI never does (NaN passes
+``min <= value <= max``). A node's ``execute`` calls ``check_number_inputs`` with the same numbers: one check,
+against the node's declared ranges, whether a number came from a widget or through a link.
 """
 from ..dreamcache_core.method.input_checks import number_problem
 
@@ -23,6 +25,14 @@ def widget_problems(node_class, values: dict) -> list:
         if problem:
             problems.append(problem)
     return problems
+
+
+def check_number_inputs(node_class, values: dict) -> None:
+    """ValueError with every problem ``widget_problems`` finds in ``values`` (one per line): what a node's
+    ``execute`` calls, so a linked number (which ``validate_inputs`` never sees) meets the same check."""
+    problems = widget_problems(node_class, values)
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def text_problem(check, text, name: str):

@@ -146,6 +146,19 @@ def require_comfyui() -> Path:
     return comfy
 
 
+def frontend_arguments() -> list:
+    """``--front-end-root`` of DREAMCACHE_FRONTEND_ROOT (a frontend's static folder, e.g. the ``static`` folder
+    of an unpacked comfyui-frontend-package wheel), so the tier can check another frontend than the one
+    installed with ComfyUI; none when it is unset."""
+    folder = os.environ.get("DREAMCACHE_FRONTEND_ROOT")
+    if not folder:
+        return []
+    if not (Path(folder) / "index.html").is_file():
+        pytest.fail(f"DREAMCACHE_FRONTEND_ROOT={folder} is not a frontend folder (no index.html): point it at the "
+                    "'static' folder of an unpacked comfyui-frontend-package wheel")
+    return ["--front-end-root", str(Path(folder).resolve())]
+
+
 @contextlib.contextmanager
 def running_server(root: Path, base: Path):
     """Start ComfyUI's main.py on a free port of 127.0.0.1 with ``base``; a Server until the block ends."""
@@ -161,7 +174,7 @@ def running_server(root: Path, base: Path):
         "--disable-auto-launch",
         # Only this pack, even if an extra_model_paths.yaml adds other custom_nodes folders.
         "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER_NAME,
-    ]
+    ] + frontend_arguments()
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
     log_path = root / "server.log"
     with open(log_path, "w", encoding="utf-8") as log_file:

@@ -1,4 +1,4 @@
-"""The node contract (DESIGN.md section 4, plus issue 4's guider and combine), the one list every test reads.
+"""The node contract: the pack's node ids, inputs and outputs, the one list every test reads.
 
 Saved workflows reference these node ids and inputs, so they must never change: node id -> (required inputs in
 order, name -> type, "COMBO" for a list of choices; optional inputs; output types in order).
@@ -18,14 +18,14 @@ NODE_CONTRACT = {
                         ["MODEL"]),
     "DreamCacheSave": ({"cache": "DREAMCACHE", "filename_prefix": "STRING"}, set(), []),
     "DreamCacheLoad": ({"cache_name": "COMBO"}, set(), ["DREAMCACHE"]),
-    # issue 4: combined guidance and several references
+    # combined guidance and several references
     "DreamCacheGuider": ({"model": "MODEL", "adapter": "DREAMCACHE_ADAPTER", "cache": "DREAMCACHE",
                           "positive": "CONDITIONING", "negative": "CONDITIONING", "text_cfg": "FLOAT",
                           "image_cfg": "FLOAT"}, {"attn_mask", "reference_mode", "reference_weights", "negative_cache",
                                                   "layer_preset", "frame_weights"}, ["GUIDER"]),
     "DreamCacheCombine": ({"cache_1": "DREAMCACHE", "cache_2": "DREAMCACHE", "weight_1": "FLOAT", "weight_2": "FLOAT"},
                           {"cache_3", "cache_4", "weight_3", "weight_4", "mode"}, ["DREAMCACHE", "DREAMCACHE"]),
-    # issue 13: the negative reference's noise
+    # the negative reference's noise
     "DreamCacheReferenceNoise": ({"image": "IMAGE", "mode": "COMBO", "strength": "FLOAT", "seed": "INT"}, {"mask"},
                                  ["IMAGE"]),
 }

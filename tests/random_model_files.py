@@ -1,12 +1,15 @@
 """Model files with seeded random weights, in the formats users download, for the real-server tests.
 
-- ``write_random_checkpoint``: a full SD1.5 or SDXL checkpoint (U-Net, text encoders, VAE) with the real
+- ``write_random_checkpoint``: a full SD1.5, SD2.1-base (512, epsilon) or SDXL checkpoint (U-Net, text encoders, VAE) with the real
   architecture, keyed as the original single-file checkpoints are, so that ComfyUI's stock
   CheckpointLoaderSimple detects and loads it as it would the real file. The key list and shapes come from
   ComfyUI's own modules built on the meta device (no memory), the values from a seeded generator per
   tensor, written tensor by tensor (an SDXL checkpoint is 7 GB in float16; it is never whole in memory).
 - ``write_random_adapter``: a DreamCache adapter for that checkpoint's memory layers, randomised (not the
   identity), written with the pack's own writer.
+- ``write_random_authors_adapter``: the same for SD2.1 in the authors' released format (a ``torch.save`` dict
+  ``diffusion_model.<layer>.transformer_blocks.0.<attn_mem.* | norm2_mem.* | linear_cat.*>``, LN_m unfolded),
+  what ``cross_attention-<step>.pt`` holds.
 - ``write_random_sam``: a segment-anything ViT-B checkpoint (.pth) with seeded random weights.
 
 Files are written once into a cache folder (``DREAMCACHE_TEST_MODELS``, default
@@ -36,11 +39,13 @@ def model_cache_folder() -> Path:
 
 
 def model_config_of(family: str):
-    """ComfyUI's model config of the real ``family`` U-Net (the benchmark's configs), in float16."""
+    """ComfyUI's model config of the real ``family`` U-Net (the benchmark's configs; SD2.1 is SD1.5's layout with
+    a 1024-wide text context, linear proj_in/out and heads of 64 channels), in float16."""
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import family_model_config
     from comfyui_dreamcache.dreamcache_core.evaluation.benchmark import SD15_UNET, SDXL_UNET
 
-    return family_model_config(family, {"sd15": SD15_UNET, "sdxl": SDXL_UNET}[family], torch.float16)
+    sd21 = dict(SD15_UNET, context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
+    return family_model_config(family, {"sd15": SD15_UNET, "sd21": sd21, "sdxl": SDXL_UNET}[family], torch.float16)
 
 
 def checkpoint_layout(family: str) -> dict:
@@ -99,7 +104,9 @@ def write_streamed_safetensors(path: Path, layout: dict, make_tensor, metadata=N
 
 
 def write_random_checkpoint(family: str, seed: int = 0) -> Path:
-    """The cached random checkpoint of ``family`` ("sd15" or "sdxl"), written on first use."""
+    """The cached random checkpoint of ``family`` ("sd15", "sd21" or "sdxl"), written on first use. An "sd21" file
+    loads as SD2.1-base (epsilon): ComfyUI reads v prediction from a spread of output_blocks.11.1's norm1 bias
+    above 0.09, and the random biases' is 0.02."""
     path = model_cache_folder() / f"random-{family}-{FORMAT_TAG}-seed{seed}.safetensors"
     if not path.is_file():
         layout = checkpoint_layout(family)
@@ -122,6 +129,29 @@ def write_random_adapter(family: str, seed: int = 0) -> Path:
         adapter.randomize_(seed=seed, scale=0.5)
         partial = path.with_suffix(".partial.safetensors")
         save_adapter(adapter, str(partial))
+        partial.replace(path)
+    return path
+
+
+def write_random_authors_adapter(seed: int = 0) -> Path:
+    """A randomised SD2.1 adapter in the authors' released layout (``torch.save`` of a dict of float32 tensors,
+    LN_m raw: the loader folds it against the model's norm1 when it is applied)."""
+    from comfyui_dreamcache.dreamcache_core.io.adapter_io import authors_state_dict
+    from comfyui_dreamcache.dreamcache_core.method.adapter import DreamCacheAdapter
+    from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers
+
+    path = model_cache_folder() / f"random-dreamcache-authors-sd21-{FORMAT_TAG}-seed{seed}.pt"
+    if not path.is_file():
+        with torch.device("meta"):
+            unet = model_config_of("sd21").get_model({}, device=torch.device("meta")).diffusion_model
+        adapter = DreamCacheAdapter(discover_memory_layers(unet), norm_folded=False)
+        adapter.randomize_(seed=seed, scale=0.5)
+        state = authors_state_dict(adapter, norm1_by_key={})
+        for key in state:  # raw LN_m near the identity, as a trained one is
+            if key.endswith("norm2_mem.weight"):
+                state[key] = 1.0 + 0.1 * state[key]
+        partial = path.with_suffix(".partial")
+        torch.save(state, str(partial))
         partial.replace(path)
     return path
 

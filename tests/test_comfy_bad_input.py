@@ -1,4 +1,4 @@
-"""Bad input through the nodes as ComfyUI runs them (issue 11): Encode fed an applied MODEL, queue-time
+"""Bad input through the nodes as ComfyUI runs them: Encode fed an applied MODEL, queue-time
 validation (V3 validate_inputs, through run_node and called directly), non-finite values that arrive through links,
 and bad tensors given to the nodes. Skipped (with the reason) when COMFYUI_PATH is unset."""
 import math

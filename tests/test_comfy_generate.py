@@ -219,7 +219,7 @@ def test_memory_kv_reuse_gives_identical_outputs_and_projects_once(setup, monkey
 
     monkeypatch.setattr(MemoryAdapterLayer, "project_memory", counting_project)
     monkeypatch.setattr(MemoryAdapterLayer, "forward", recording_forward)
-    from comfyui_dreamcache.dreamcache_core.method.patch import attach_injection
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge import attach_injection
 
     outputs = {}
     for reuse in (True, False):

@@ -1,4 +1,4 @@
-"""Every DreamCache node called as ComfyUI calls it (run_node: V3 EXECUTE_NORMALIZED on a class clone) -> declared types."""
+"""Every DreamCache node run as ComfyUI runs it (run_node: a prompt through its executor) -> declared types."""
 import pytest
 import torch
 

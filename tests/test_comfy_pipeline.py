@@ -144,7 +144,8 @@ def test_positive_only_leaves_the_negative_chunk_unchanged(setup):
 
 
 def test_kv_reuse_is_identical_to_recomputing(setup):
-    from comfyui_dreamcache.dreamcache_core.method.patch import DreamCacheInjection, attach_injection
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge import attach_injection
+    from comfyui_dreamcache.dreamcache_core.method.patch import DreamCacheInjection
     outputs = []
     for reuse in (True, False):
         injection = DreamCacheInjection(setup["trained"], setup["cache"], reuse_memory_kv=reuse)

@@ -1,12 +1,12 @@
-"""Reference Noise (DreamCache) as ComfyUI runs it (run_node: queue-time validation, then V3 EXECUTE_NORMALIZED
-inside inference mode): the node's output is the core function's, and bad widget values are refused when the
+"""Reference Noise (DreamCache) as ComfyUI runs it (run_node: a prompt validated and executed by ComfyUI's
+executor): the node's output is the core function's, and bad widget values are refused when the
 prompt is queued. Skipped (with the reason) when COMFYUI_PATH is unset."""
 import math
 
 import pytest
 import torch
 
-from run_as_comfyui import run_node
+from run_as_comfyui import linked, run_node
 
 pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
 
@@ -115,11 +115,8 @@ def test_validate_inputs_called_as_comfyui_calls_it(node):
 
 def test_linked_bad_values_are_refused_when_the_node_runs(node):
     """A linked value skips validate_inputs; the node's own code refuses it."""
-    import execution
-    import asyncio
-    with torch.inference_mode(), pytest.raises(ValueError, match=r"strength is nan, not a finite number"):
-        asyncio.run(execution.get_output_data("dreamcache-test", "1", node, {
-            "image": [photo()], "mode": ["gaussian"], "strength": [NAN], "seed": [0]}))
+    with pytest.raises(ValueError, match=r"strength is nan, not a finite number"):
+        run_node(node, photo(), "gaussian", linked(NAN), 0)
     with pytest.raises(ValueError, match=r"The Reference Noise image holds 1 NaN value\(s\)"):
         image = photo()
         image[0, 0, 0, 0] = NAN

@@ -1,4 +1,4 @@
-"""Issue 13's controls through ComfyUI's real sampling code on a tiny SD1.5-shaped U-Net, every node run as
+"""The artist controls through ComfyUI's real sampling code on a tiny SD1.5-shaped U-Net, every node run as
 ComfyUI's executor runs it (validated inputs, inference mode): weight schedules and layer presets per step,
 per-frame weights, the negative reference (Apply and Guider), Combine with more caches and its modes, and
 Encode in passes with a progress bar.

@@ -94,3 +94,5 @@ def test_frontend_names_each_missing_model_file_and_its_folder(server):
         assert expected, f"{name}: no loader carries models metadata"
         for line in expected:
             assert line in dialogs[name], f"{name}: the missing-models dialog does not list {line}:\n{dialogs[name]}"
+    # the SD2.1 example (the authors' adapter) asks for the SD2.1-base checkpoint, with its folder
+    assert "checkpoints / v2-1_512-ema-pruned.safetensors" in dialogs["dreamcache_sd21"], dialogs["dreamcache_sd21"]

@@ -1,9 +1,10 @@
 """The real-server tier: every example workflow runs end to end in a real ComfyUI server.
 
 What a user does, on the CPU: ComfyUI's main.py serves on 127.0.0.1 with the pack in custom_nodes; every file
-a workflow names is in its folder (a real-architecture SD1.5 / SDXL checkpoint the stock CheckpointLoaderSimple
-detects, a DreamCache adapter for it written by the pack's own writer, a SAM ViT-B, reference photos; all with
-seeded random weights, see random_model_files.py); ComfyUI's own frontend, in headless Chromium, turns each
+a workflow names is in its folder (a real-architecture SD1.5 / SD2.1-base / SDXL checkpoint the stock
+CheckpointLoaderSimple detects, a DreamCache adapter for it written by the pack's own writer, or for SD2.1 in the
+authors' released .pt format, a SAM ViT-B, reference photos; all with seeded random weights, see
+random_model_files.py); ComfyUI's own frontend, in headless Chromium, turns each
 workflow JSON into the API prompt its Queue button sends; steps and resolution are lowered for a CPU; the prompt
 is POSTed to /prompt and /history is polled until it ends. The server executes it as it executes any prompt
 (validation, inference mode, its own model management).
@@ -33,8 +34,11 @@ pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
 WORKFLOW_DIR = PACK_ROOT / "example_workflows"
 WORKFLOWS = sorted(path.stem for path in WORKFLOW_DIR.glob("*.json"))
 # Which random model stands in for each file name the workflows use.
-CHECKPOINT_FAMILY = {"v1-5-pruned-emaonly-fp16.safetensors": "sd15", "sd_xl_base_1.0.safetensors": "sdxl"}
-ADAPTER_FAMILY = {"dreamcache_sd15.safetensors": "sd15", "dreamcache_sdxl.safetensors": "sdxl"}
+CHECKPOINT_FAMILY = {"v1-5-pruned-emaonly-fp16.safetensors": "sd15", "sd_xl_base_1.0.safetensors": "sdxl",
+                     "v2-1_512-ema-pruned.safetensors": "sd21"}
+# adapter file name -> (family, format): the pack's .safetensors, or the authors' released .pt (SD2.1-base)
+ADAPTER_FAMILY = {"dreamcache_sd15.safetensors": ("sd15", "pack"), "dreamcache_sdxl.safetensors": ("sdxl", "pack"),
+                  "cross_attention-199999.pt": ("sd21", "authors")}
 CPU_STEPS = 2
 CPU_SHORT_SIDE = 64  # pixels: an 8x8 latent
 PROMPT_TIMEOUT_S = 1500
@@ -88,7 +92,10 @@ def server(tmp_path_factory):
         for name in widget_files(workflow, "DreamCacheAdapterLoader"):
             assert name in ADAPTER_FAMILY, f"no random stand-in for adapter {name}: add it to ADAPTER_FAMILY"
             if not (models / "dreamcache" / name).exists():
-                link_file(models / "dreamcache" / name, random_model_files.write_random_adapter(ADAPTER_FAMILY[name]))
+                family, file_format = ADAPTER_FAMILY[name]
+                written = (random_model_files.write_random_authors_adapter() if file_format == "authors"
+                           else random_model_files.write_random_adapter(family))
+                link_file(models / "dreamcache" / name, written)
         for name in widget_files(workflow, "DreamCacheSAMLoader"):
             if not (models / "sams" / name).exists():
                 link_file(models / "sams" / name, random_model_files.write_random_sam())
@@ -223,12 +230,12 @@ SAVED_BEFORE_DIR = PACK_ROOT / "tests" / "saved_workflows"
 
 
 def test_workflows_saved_before_the_new_inputs_give_the_same_prompts(server):
-    """Workflows saved before issue 13 added optional inputs (crop_position, batch_size, negative_cache,
-    layer_preset, weight_schedule, frame_weights, the adapter loader's info output) hold fewer widget values and
-    slots. The frontend fills the new widgets with their defaults, so each gives exactly the API prompt of
+    """Workflows saved by the pack's first 0.1 examples, before the optional inputs crop_position, batch_size,
+    negative_cache, layer_preset, weight_schedule, frame_weights and the adapter loader's info output existed, hold
+    fewer widget values and slots. The frontend fills the new widgets with their defaults, so each gives exactly the API prompt of
     today's example workflow, which ran above. The old values keep their meaning."""
-    saved = {path.name[:-len("_before_issue13.json")]: json.loads(path.read_text(encoding="utf-8"))
-             for path in sorted(SAVED_BEFORE_DIR.glob("*_before_issue13.json"))}
+    saved = {path.name[:-len("_v0_1_saved.json")]: json.loads(path.read_text(encoding="utf-8"))
+             for path in sorted(SAVED_BEFORE_DIR.glob("*_v0_1_saved.json"))}
     assert sorted(saved) == ["dreamcache_basic", "dreamcache_guider", "dreamcache_two_subjects_regions"]
     old_prompts = frontend_prompts(server.base_url, saved, chromium_or_skip())
     for name, prompt in old_prompts.items():

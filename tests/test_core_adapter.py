@@ -1,4 +1,4 @@
-"""The adapter against DESIGN.md's equations, computed directly."""
+"""The adapter against the method's equations (dreamcache_core/method/adapter.py's docstring), computed directly."""
 import math
 
 import pytest

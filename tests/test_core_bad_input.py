@@ -1,4 +1,4 @@
-"""Bad input without ComfyUI (issue 11): non-finite numbers and tensors, files that would allocate far more
+"""Bad input without ComfyUI: non-finite numbers and tensors, files that would allocate far more
 than they hold, broken metadata and layouts, the dataset CLI's errors and manifests leaving their folder.
 One test per class of problem, parametrised over examples; every test asserts the message."""
 import json

@@ -1,4 +1,4 @@
-"""Issue 13's controls in plain torch: step schedules, layer presets, frame weights, the negative reference's
+"""The artist controls in plain torch: step schedules, layer presets, frame weights, the negative reference's
 second injection, and Combine's modes. The patch callables are driven with synthetic extra_options, as
 ComfyUI's transformer block calls them."""
 import math

@@ -19,6 +19,7 @@ import asyncio
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -104,6 +105,53 @@ def test_model_loaders_tell_the_frontend_which_file_goes_where(path):
         assert model["name"] == node["widgets_values"][0], f"{where}: metadata names {model['name']}, the widget another"
         assert model["directory"] == MODEL_FOLDER_OF_LOADER[node["type"]], f"{where}: directory {model['directory']}"
         assert model["url"].startswith("https://") and model["url"].split("?")[0].endswith(model["name"]), where
+
+
+# The base each example's checkpoint and adapter file are for: they must agree (an adapter works only on its base).
+CHECKPOINT_BASE = {"v1-5-pruned-emaonly-fp16.safetensors": "SD1.5", "sd_xl_base_1.0.safetensors": "SDXL",
+                   "v2-1_512-ema-pruned.safetensors": "SD2.1-base"}
+ADAPTER_BASE = {"dreamcache_sd15.safetensors": "SD1.5", "dreamcache_sdxl.safetensors": "SDXL"}
+AUTHORS_ADAPTER = re.compile(r"^cross_attention-\d+\.pt$")  # the authors' released SD2.1-base adapter
+
+
+def base_of_adapter(name: str):
+    return "SD2.1-base" if AUTHORS_ADAPTER.match(name) else ADAPTER_BASE.get(name)
+
+
+@pytest.mark.parametrize("path", workflow_params())
+def test_adapters_and_checkpoints_are_for_the_same_base(path):
+    workflow = load_workflow(path)
+    checkpoints = {node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "CheckpointLoaderSimple"}
+    adapters = {node["widgets_values"][0] for node in workflow["nodes"] if node["type"] == "DreamCacheAdapterLoader"}
+    assert checkpoints and adapters, f"{path.name}: a checkpoint and an adapter loader are expected"
+    bases = {CHECKPOINT_BASE.get(name) for name in checkpoints} | {base_of_adapter(name) for name in adapters}
+    assert None not in bases, f"{path.name}: a file of unknown base among {sorted(checkpoints | adapters)}"
+    assert len(bases) == 1, f"{path.name}: checkpoints {sorted(checkpoints)} and adapters {sorted(adapters)} mix {bases}"
+
+
+def test_the_sd21_workflow_runs_the_authors_adapter_on_sd21_base_at_512():
+    """The one combination that works without training: SD2.1-base (512, epsilon) with the authors' released
+    adapter, read directly; its Note says where both files come from and where they go."""
+    workflow = load_workflow(WORKFLOW_DIR / "dreamcache_sd21.json")
+    by_type = {}
+    for node in workflow["nodes"]:
+        by_type.setdefault(node["type"], []).append(node)
+    (checkpoint,) = by_type["CheckpointLoaderSimple"]
+    assert checkpoint["widgets_values"] == ["v2-1_512-ema-pruned.safetensors"]
+    assert checkpoint["properties"]["models"][0]["url"].startswith(
+        "https://huggingface.co/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.safetensors")
+    (adapter,) = by_type["DreamCacheAdapterLoader"]
+    assert AUTHORS_ADAPTER.match(adapter["widgets_values"][0]), adapter["widgets_values"]
+    (latent,) = by_type["EmptyLatentImage"]
+    assert latent["widgets_values"][:2] == [512, 512]
+    (mask_reference,) = by_type["DreamCacheMaskReference"]
+    assert mask_reference["widgets_values"][0] == 512
+    (note,) = by_type["Note"]
+    text = note["widgets_values"][0]
+    for needed in ("github.com/Emanuele97x/DreamCache", "ComfyUI/models/dreamcache", "ComfyUI/models/checkpoints",
+                   "huggingface.co/stabilityai/stable-diffusion-2-1-base", adapter["widgets_values"][0],
+                   "weights_only=True"):
+        assert needed in text, f"the SD2.1 workflow's Note does not say {needed!r}"
 
 
 @pytest.mark.parametrize("path", workflow_params())

@@ -1,7 +1,7 @@
 """DreamCache's combined guidance as a ComfyUI GUIDER (for SamplerCustomAdvanced)."""
 from __future__ import annotations
 
-from ..method.input_checks import check_number
+from ..method.input_checks import GUIDANCE_SCALE_RANGE, check_number
 
 _GUIDER_CLASS = None
 
@@ -64,10 +64,10 @@ def combined_guider(model_patcher, injection, positive, negative, text_cfg: floa
     ``guidance.REFERENCE_CHUNKS``), with DreamCache's combined guidance over ``positive``/``negative``;
     ``negative_injection`` (targeting ``guidance.UNCONDITIONAL`` only) puts a negative reference into e(0,0)."""
     from ..method.guidance import REFERENCE_CHUNKS, UNCONDITIONAL
-    from ..method.patch import attach_injection
+    from .injection_patches import attach_injection
 
-    text_cfg = check_number(text_cfg, "text_cfg", advice="The authors use 7.5.")
-    image_cfg = check_number(image_cfg, "image_cfg", advice="The authors use 5.0.")
+    text_cfg = check_number(text_cfg, "text_cfg", *GUIDANCE_SCALE_RANGE, advice="The authors use 7.5.")
+    image_cfg = check_number(image_cfg, "image_cfg", *GUIDANCE_SCALE_RANGE, advice="The authors use 5.0.")
 
     if injection.chunks != frozenset(REFERENCE_CHUNKS):
         raise ValueError(f"The combined guider's injection must target chunks {REFERENCE_CHUNKS}, "

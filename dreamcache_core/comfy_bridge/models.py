@@ -147,10 +147,12 @@ def initialise_seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module
 
 
 def family_model_config(family: str, unet_config: dict, dtype):
-    """ComfyUI's model config (supported_models.SD15 / SDXL) of ``family`` for ``unet_config`` at ``dtype``."""
+    """ComfyUI's model config (supported_models.SD15 / SD20 / SDXL) of ``family`` ("sd15", "sd21", "sdxl") for
+    ``unet_config`` at ``dtype``."""
     import comfy.supported_models
 
-    families = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}
+    families = {"sd15": comfy.supported_models.SD15, "sd21": comfy.supported_models.SD20,
+                "sdxl": comfy.supported_models.SDXL}
     if family not in families:
         raise ValueError(f"Unknown model family {family!r}; use one of {sorted(families)}.")
     model_config = families[family](dict(unet_config, dtype=dtype))
@@ -176,13 +178,28 @@ def random_model(family: str, unet_config: dict, seed: int = 0, dtype=torch.floa
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
+ADAPTER_PATCHER_ATTRIBUTE = "_dreamcache_comfy_model_patcher"
+
+
 def adapter_model_patcher(adapter: torch.nn.Module, extra_device_bytes: int = 0):
-    """A ComfyUI ModelPatcher around the adapter, so that ComfyUI's memory manager loads it to the device
-    with the model it patches and offloads it with it (as ComfyUI's own model patches are handed over).
-    Its size is the adapter's weights plus ``extra_device_bytes`` (the memory keys/values sampling holds)."""
+    """THE ComfyUI ModelPatcher of the adapter (one per adapter object, made on first use and kept on it), so
+    that ComfyUI's memory manager loads it to the device with the model it patches and offloads it with it (as
+    ComfyUI's own model patches are handed over). Its size is set to the adapter's weights plus
+    ``extra_device_bytes`` (the memory keys/values sampling holds).
+
+    One patcher per adapter, not one per Apply: ComfyUI's ``current_loaded_models`` keeps an entry per patcher
+    it loaded, holding the patcher weakly and the adapter strongly through its module; a patcher that died while
+    its adapter lives (a new one per re-queued Apply) left a dead entry there that neither ``free_memory`` nor
+    ``unload_all_models`` removes. The patcher is kept on the adapter, so both live and die together."""
     import comfy.model_management
     import comfy.model_patcher
 
     size = comfy.model_management.module_size(adapter) + int(extra_device_bytes)
-    return comfy.model_patcher.ModelPatcher(adapter, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device(), size=size)
+    patcher = adapter.__dict__.get(ADAPTER_PATCHER_ATTRIBUTE)
+    if patcher is None or patcher.model is not adapter:
+        patcher = comfy.model_patcher.ModelPatcher(adapter, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device(),
+                                                   size=size)
+        adapter.__dict__[ADAPTER_PATCHER_ATTRIBUTE] = patcher  # a plain attribute, not a submodule
+    patcher.size = size
+    return patcher

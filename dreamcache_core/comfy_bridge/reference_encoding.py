@@ -8,6 +8,7 @@ import torch
 from ..method.cache import DreamCache
 from ..method.encode import cache_from_features, capture_memory_inputs
 from ..method.input_checks import check_finite_tensor
+from .injection_patches import without_dreamcache_patches
 from .model_pass import single_model_pass
 
 ENCODE_TIMESTEP = 1  # the reference is noised to t = 1, the least noisy step
@@ -76,28 +77,6 @@ def encode_reference(model_patcher, reference_latent: torch.Tensor, conditioning
         "num_references": int(latent.shape[0]),
     }
     return cache_from_features(unet, features, mask, metadata)
-
-
-def without_dreamcache_patches(model_patcher):
-    """``model_patcher`` itself when it carries no DreamCache injection, else a clone without this pack's own
-    attn1 patches (other packs' patches, LoRAs and wrappers stay): Encode must cache the base model's features,
-    also when it is fed the MODEL that Apply DreamCache returned."""
-    from ..method.patch import DreamCacheNorm1Patch, DreamCacheOutputPatch
-
-    ours = (DreamCacheNorm1Patch, DreamCacheOutputPatch)
-    patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
-    if not any(isinstance(p, ours) for name in ("attn1_patch", "attn1_output_patch") for p in patches.get(name, [])):
-        return model_patcher
-    clone = model_patcher.clone()
-    clone_patches = clone.model_options["transformer_options"]["patches"]
-    for name in ("attn1_patch", "attn1_output_patch"):
-        if name in clone_patches:
-            kept = [p for p in clone_patches[name] if not isinstance(p, ours)]
-            if kept:
-                clone_patches[name] = kept
-            else:
-                del clone_patches[name]
-    return clone
 
 
 def check_latent_size(unet, latent: torch.Tensor) -> None:

@@ -230,7 +230,7 @@ def conditioning(shape: Shape, seed: int):
 def personalise(model_patcher, adapter, cache, chunks=(0,)):
     """What Apply DreamCache does: a clone carrying the injection (ComfyUI's optimized memory attention)."""
     from ..method.injection import build_injection
-    from ..method.patch import attach_injection
+    from ..comfy_bridge import attach_injection
 
     injection = build_injection(model_patcher, adapter, cache, 1.0, chunks=chunks)
     return attach_injection(model_patcher.clone(), injection), injection

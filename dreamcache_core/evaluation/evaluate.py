@@ -218,6 +218,9 @@ def main(argv=None) -> dict:
         if args.sam:
             from .generate import SamSegmenter
 
+            from ..comfy_bridge.model_files import resolve_model_file
+
+            args.sam = resolve_model_file(args.sam, "sam")
             segmenter = SamSegmenter(args.sam, device)
         masks = MaskSource(segmenter)
     result = evaluate(generations, dino, clip, args.against, masks, log)

@@ -207,7 +207,8 @@ class Sampler:
         if guidance == "off" or cache is None or settings["strength"] == 0:
             self.sampling_model = model
         elif guidance == "joint":
-            from ..method.patch import POSITIVE_CHUNK, attach_injection
+            from ..comfy_bridge import attach_injection
+            from ..method.patch import POSITIVE_CHUNK
 
             self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
                                              settings["end_percent"], (POSITIVE_CHUNK,), memory_managed=True)
@@ -462,9 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true", help="keep images already in --out (resume a run)")
     p.add_argument("--quiet", action="store_true")
     g = p.add_argument_group("models")
-    g.add_argument("--checkpoint", help="SD1.5 / SD2.x / SDXL checkpoint (what Load Checkpoint reads)")
-    g.add_argument("--adapter", help="DreamCache adapter (.safetensors, or the authors' cross_attention-<step>.pt)")
-    g.add_argument("--sam", help="SAM checkpoint (sam_vit_b_01ec64.pth, ...) to cut subjects out of references")
+    g.add_argument("--checkpoint", help="SD1.5 / SD2.x / SDXL checkpoint (what Load Checkpoint reads): a path, or a "
+                                        "file name in ComfyUI's models/checkpoints")
+    g.add_argument("--adapter", help="DreamCache adapter (.safetensors, or the authors' cross_attention-<step>.pt): a "
+                                     "path, or a file name in ComfyUI's models/dreamcache (or the pack's models/)")
+    g.add_argument("--sam", help="SAM checkpoint (sam_vit_b_01ec64.pth, ...) to cut subjects out of references: a path, "
+                                 "or a file name in ComfyUI's models/sams")
     g = p.add_argument_group("reference")
     g.add_argument("--reference", help="reference image of the subject")
     g.add_argument("--reference-mask", help="mask image of --reference (white = subject)")
@@ -545,12 +549,17 @@ def main(argv=None, pipeline: Optional[Pipeline] = None, log: Optional[Callable[
     settings["_argv"] = argv
     log = log or ((lambda message: None) if settings["quiet"] else
                   (lambda message: print(message, file=sys.stderr, flush=True)))
+    from ..comfy_bridge.model_files import resolve_model_file
+
     if pipeline is None:
         from ..comfy_bridge import ensure_comfyui
 
         ensure_comfyui(settings["comfyui"], cpu=settings["cpu"])
         if not settings["checkpoint"]:
             raise ValueError("Give the base model: --checkpoint FILE (SD1.5, SD2.x or SDXL).")
+    for key in ("checkpoint", "adapter", "sam"):  # a path, or a name in ComfyUI's model folders
+        settings[key] = resolve_model_file(settings[key], key, settings["comfyui"])
+    if pipeline is None:
         settings["_checkpoint_info"] = describe_file(settings["checkpoint"])
         pipeline = load_pipeline(settings["checkpoint"])
     return run(pipeline, settings, settings["out"], log)

@@ -27,7 +27,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-# DESIGN.md: the published DreamBench numbers of DreamCache (one reference image).
+# The published DreamBench numbers of DreamCache, one reference image (Aiello et al., CVPR 2025, arXiv 2411.17786).
 PAPER_NUMBERS = {
     "sd15": {"dino": 0.713, "clip_i": 0.810, "clip_t": 0.298},
     "sd21": {"dino": 0.767, "clip_i": 0.816, "clip_t": 0.301},

@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 from ..method.adapter import DreamCacheAdapter
-from ..method.input_checks import check_finite_tensor
+from ..method.base_family import context_width_problem
+from ..method.input_checks import check_finite_tensor, read_json_field
 from ..method.layers import MemoryLayerSpec, describe_layers
 from ..method.normal_tensors import normal_tensors
 
@@ -146,14 +147,15 @@ def _specs_from_metadata(metadata: dict, name: str):
     damaged = "The adapter's metadata is damaged: save or convert the adapter again."
     if "layers" not in metadata:
         raise AdapterFileError(f"{name} lacks the 'layers' metadata field (the memory layer descriptions). {damaged}")
-    try:
-        layers = json.loads(metadata["layers"])
-        signature = json.loads(metadata.get("signature", "{}"))
-    except json.JSONDecodeError as error:
-        raise AdapterFileError(f"{name}: a metadata field is not valid JSON ({error.msg}). {damaged}") from error
+    layers = read_json_field(metadata["layers"], f"{name}: the 'layers' metadata field", damaged, AdapterFileError)
+    signature = read_json_field(metadata.get("signature", "{}"), f"{name}: the 'signature' metadata field", damaged,
+                                AdapterFileError)
     if not isinstance(layers, list) or not layers or not isinstance(signature, dict):
         raise AdapterFileError(f"{name}: the 'layers' metadata is not a list of layers, or 'signature' is not an "
                                f"object. {damaged}")
+    problem = context_width_problem(signature.get("context_dim"))
+    if problem:
+        raise AdapterFileError(f"{name}: the 'signature' metadata is damaged: {problem}. {damaged}")
     try:
         specs = [MemoryLayerSpec.from_json(d) for d in layers]
     except KeyError as error:

@@ -1,11 +1,12 @@
 """Convert the authors' released adapter (cross_attention-<step>.pt) into this pack's .safetensors.
 
-    python -m dreamcache_core.io.convert_authors --adapter cross_attention-400000.pt \
+    python -m dreamcache_core.io.convert_authors --adapter cross_attention-199999.pt \
         --base v2-1_512-ema-pruned.safetensors --out ComfyUI/models/dreamcache/dreamcache_sd21.safetensors
 
 The base checkpoint is read for three things only: the width and heads of each memory layer, the model
 signature, and norm1 of each memory layer's first transformer block (LN_m is folded against it).
-No ComfyUI is needed; .ckpt bases are read with weights_only=True.
+No ComfyUI is needed for paths; a file name that is not a path is looked up in ComfyUI's model folders
+(models/dreamcache, models/checkpoints) when a ComfyUI is found. .ckpt bases are read with weights_only=True.
 """
 from __future__ import annotations
 
@@ -82,12 +83,17 @@ def convert(adapter_path: str, base_path: str, out_path: str) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True, help="the authors' cross_attention-<step>.pt")
-    parser.add_argument("--base", required=True, help="the base checkpoint it was trained on (.safetensors or .ckpt)")
+    parser.add_argument("--adapter", required=True, help="the authors' cross_attention-<step>.pt: a path, or a file "
+                                                         "name in ComfyUI's models/dreamcache")
+    parser.add_argument("--base", required=True, help="the base checkpoint it was trained on (.safetensors or .ckpt): "
+                                                      "a path, or a file name in ComfyUI's models/checkpoints")
     parser.add_argument("--out", required=True, help="where to write the .safetensors adapter")
     args = parser.parse_args(argv)
     try:
-        path = convert(args.adapter, args.base, args.out)
+        from ..comfy_bridge.model_files import resolve_model_file  # ComfyUI only to look a name up
+
+        path = convert(resolve_model_file(args.adapter, "adapter"), resolve_model_file(args.base, "checkpoint"),
+                       args.out)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

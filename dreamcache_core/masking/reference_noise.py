@@ -22,17 +22,20 @@ MODES = ("gaussian", "shuffle", "fade", "blur")
 GREY = 0.5                 # what "fade" blends toward
 BLUR_SIGMA_FRACTION = 0.05  # blur sigma at strength 1, as a fraction of the image's shorter side
 BLUR_RADIUS_SIGMAS = 3.0    # the blur kernel reaches this many sigmas on each side
+MAX_BLUR_RADIUS = 80        # wider kernels blur a reduced copy (see ``blurred``): bounded cost
+MAX_BLUR_WORK = 64_000_000  # pixels x kernel taps blurred directly per channel and pass (~1 s on one CPU core)
 SEED_MAX = 0xffffffffffffffff
 
 
 def noised_reference(images: torch.Tensor, mode: str, strength: float, seed: int,
-                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     mask: Optional[torch.Tensor] = None, on_image=None) -> torch.Tensor:
     """A degraded copy of ``images`` [B, H, W, C] (float, 0..1), same shape, device and dtype.
 
     mode "gaussian": clamp(image + strength * N(0, 1), 0, 1); "shuffle": a ``strength`` fraction of the pixels
     (of the masked pixels when a mask is given) trade places at random, every chosen pixel moving (colours kept,
     structure lost); "fade": lerp toward mid-grey 0.5 by ``strength``; "blur": separable gaussian blur with
-    sigma = strength * 0.05 * the shorter side, reflect padding. ``seed`` seeds a CPU torch.Generator.
+    sigma = strength * 0.05 * the shorter side, reflect padding, at bounded cost on large images (see
+    ``blurred``), ``on_image(done, total)`` called after each image. ``seed`` seeds a CPU torch.Generator.
     ``mask`` [B or 1, H, W] (or [H, W]): the result is lerp(image, degraded, mask), the input bit for bit where
     the mask is <= 0.
     """
@@ -56,7 +59,8 @@ def noised_reference(images: torch.Tensor, mode: str, strength: float, seed: int
     elif mode == "fade":
         degraded = torch.lerp(colours, torch.full_like(colours, GREY), strength)
     else:
-        degraded = blurred(colours, strength * BLUR_SIGMA_FRACTION * min(colours.shape[1], colours.shape[2]))
+        degraded = blurred(colours, strength * BLUR_SIGMA_FRACTION * min(colours.shape[1], colours.shape[2]),
+                           on_image)
 
     changed = None
     if weights is not None:
@@ -144,10 +148,70 @@ def gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
     return (kernel / kernel.sum()).to(torch.float32)
 
 
-def blurred(colours: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable gaussian blur of ``colours`` [B, H, W, C] (float32) with reflect padding."""
-    batch, height, width, channels = colours.shape
-    planes = colours.permute(0, 3, 1, 2).reshape(batch * channels, 1, height, width)
+def blur_reduction(sigma: float, height: int, width: int) -> int:
+    """The factor f by which ``blurred`` shrinks a ``height`` x ``width`` image before blurring it with ``sigma``
+    (1 = not at all): the smallest for which the kernel radius at the reduced size is within ``MAX_BLUR_RADIUS``
+    and the reduced pixels times the kernel's taps within ``MAX_BLUR_WORK``."""
+    factor = 1
+    while True:
+        small_height, small_width = math.ceil(height / factor), math.ceil(width / factor)
+        taps = 2 * math.ceil(BLUR_RADIUS_SIGMAS * _reduced_sigma(sigma, factor)) + 1
+        if (taps <= 2 * MAX_BLUR_RADIUS + 1 and small_height * small_width * taps <= MAX_BLUR_WORK) or \
+                min(small_height, small_width) <= 1:
+            return factor
+        factor += 1
+
+
+def _reduced_sigma(sigma: float, factor: int) -> float:
+    """The blur's sigma at 1/``factor`` of the size such that area-averaging down, blurring and bilinear
+    resizing back spread a point by ``sigma`` (the box and the bilinear resize add (f^2 - 1)/12 and f^2/6 to
+    the variance, in pixels of the full size)."""
+    if factor == 1:
+        return sigma
+    return math.sqrt(max(sigma ** 2 - (factor ** 2 - 1) / 12 - factor ** 2 / 6, 0.0)) / factor
+
+
+def blurred(colours: torch.Tensor, sigma: float, on_image=None) -> torch.Tensor:
+    """Separable gaussian blur of ``colours`` [B, H, W, C] (float32) with reflect padding, one image at a time
+    (``on_image(done, total)`` after each).
+
+    Bounded cost: a kernel reaches ceil(3 sigma) pixels to each side, and sigma grows with the image (5 % of
+    its shorter side at strength 1), so blurring a large photo directly costs its pixels times a radius that
+    grows with it (a 4096 px photo took minutes). Where the kernel radius is at most ``MAX_BLUR_RADIUS`` and
+    pixels x taps at most ``MAX_BLUR_WORK`` (any image up to 512 px at any strength, 1024 px up to strength
+    0.15) the image is blurred as it is, exactly as before. Otherwise the image is area-averaged down by
+    ``blur_reduction`` = f, blurred there (both bounds hold at the reduced size), and bilinearly resized back,
+    the reduced blur's sigma chosen so that the three steps spread a point by ``sigma`` (``_reduced_sigma``). The
+    blur itself then costs at most 2 x ``MAX_BLUR_WORK`` multiply-adds per channel, plus two resizes linear in
+    the pixels: a 4096 px photo blurs in seconds. The result is smooth at such radii and differs from the exact
+    blur by a small fraction of the blur's own change (tested: under 1/255 on a 1024 px photo)."""
+    batch = colours.shape[0]
+    out = torch.empty_like(colours)
+    for index in range(batch):
+        out[index] = _blurred_image(colours[index], sigma)
+        if on_image is not None:
+            on_image(index + 1, batch)
+    return out
+
+
+def _blurred_image(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``blurred`` for one image [H, W, C]."""
+    height, width, channels = image.shape
+    planes = image.permute(2, 0, 1).unsqueeze(1)  # [C, 1, H, W]
+    factor = blur_reduction(sigma, height, width)
+    if factor == 1:
+        return _exact_blur(planes, sigma)[:, 0].permute(1, 2, 0)
+    small = F.interpolate(planes, size=(math.ceil(height / factor), math.ceil(width / factor)), mode="area")
+    small_sigma = _reduced_sigma(sigma, factor)
+    if small_sigma > 0:
+        small = _exact_blur(small, small_sigma)
+    restored = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False)
+    return restored[:, 0].permute(1, 2, 0)
+
+
+def _exact_blur(planes: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable gaussian blur of ``planes`` [N, 1, H, W], kernel radius ceil(3 sigma), reflect padding."""
+    height, width = planes.shape[-2:]
     radius = math.ceil(BLUR_RADIUS_SIGMAS * sigma)
     radius_x, radius_y = min(radius, width - 1), min(radius, height - 1)  # reflect padding needs pad < size
     if radius_x > 0:
@@ -156,4 +220,4 @@ def blurred(colours: torch.Tensor, sigma: float) -> torch.Tensor:
     if radius_y > 0:
         kernel = gaussian_kernel(sigma, radius_y).view(1, 1, -1, 1)
         planes = F.conv2d(F.pad(planes, (0, 0, radius_y, radius_y), mode="reflect"), kernel)
-    return planes.reshape(batch, channels, height, width).permute(0, 2, 3, 1).contiguous()
+    return planes

@@ -1,4 +1,4 @@
-"""The DreamCache conditioning adapter (DESIGN.md section 1), in plain torch.
+"""The DreamCache conditioning adapter (Aiello et al., CVPR 2025), in plain torch.
 
 Per memory layer, with x the input of transformer block 0, a1 its
 self-attention output and R the cached reference tokens:

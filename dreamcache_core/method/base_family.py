@@ -9,6 +9,7 @@ layers tell the layouts apart: SD1.x/SD2.x have theirs at ``middle_block.1`` and
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 from .layers import MemoryLayerSpec
@@ -35,9 +36,27 @@ def _specs_of(signature: Optional[dict], specs) -> Optional[list]:
     return [s if isinstance(s, MemoryLayerSpec) else MemoryLayerSpec.from_json(s) for s in specs]
 
 
+MAX_TEXT_WIDTH = 65536  # far beyond any text encoder (SDXL's is 2048): a wider value is a damaged file
+
+
+def context_width_problem(value) -> Optional[str]:
+    """None when ``value`` is a usable text width (a whole number 1..MAX_TEXT_WIDTH, or None = not recorded), else
+    what is wrong with it (a file may hold text, a list, a fraction or infinity there)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"its text width (context_dim) is {str(value)[:40]!r}, not a number"
+    if not math.isfinite(value) or value != int(value) or not 1 <= value <= MAX_TEXT_WIDTH:
+        return f"its text width (context_dim) is {value}, not a whole number from 1 to {MAX_TEXT_WIDTH}"
+    return None
+
+
 def _context_dim(signature: Optional[dict], context_dim: Optional[int]) -> Optional[int]:
     if context_dim is None and signature:
         context_dim = signature.get("context_dim")
+    problem = context_width_problem(context_dim)
+    if problem:
+        raise ValueError(f"The adapter or model signature is damaged: {problem}. Save or convert the adapter again.")
     return int(context_dim) if context_dim is not None else None
 
 

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .input_checks import check_finite_tensor
+from .input_checks import check_finite_tensor, read_json_field
 from .layers import describe_layers, MemoryLayerSpec
 from .normal_tensors import as_normal, normal_tensors
 
@@ -412,26 +412,32 @@ def check_cache_layout(features: dict, token_masks: dict) -> None:
                 "(with its mask).")
 
 
-def check_cache_fits(cache: DreamCache, specs: list[MemoryLayerSpec], signature: Optional[dict] = None):
-    """Raise a clear error when ``cache`` was taken on a model with other memory layers."""
+def check_cache_fits(cache: DreamCache, specs: list[MemoryLayerSpec], signature: Optional[dict] = None,
+                     role: str = "cache"):
+    """Raise a clear error when ``cache`` was taken on a model with other memory layers. ``role`` names the
+    input the cache came through ("cache", or "negative_cache" for a negative reference)."""
+    negative = role == "negative_cache"
+    which = "The negative_cache (the negative reference)" if negative else "This DreamCache"
+    encode = ("Encode the negative reference (Reference Noise image, other subject or Combine's negative_cache) "
+              if negative else "Encode the reference ")
     expected = {s.key: s for s in specs}
     if sorted(cache.keys) != sorted(expected):
         raise ValueError(
-            f"This DreamCache was encoded on another model: it holds layers {sorted(cache.keys)} but this "
-            f"model's memory layers are {describe_layers(specs)}. Encode the reference with the same MODEL "
+            f"{which} was encoded on another model: it holds layers {sorted(cache.keys)} but this "
+            f"model's memory layers are {describe_layers(specs)}. {encode}with the same MODEL "
             "you apply it to."
         )
     for key, spec in expected.items():
         channels = cache.features[key].shape[1]
         if channels != spec.channels:
             raise ValueError(
-                f"This DreamCache was encoded on another model: layer {key} has {channels} channels, the model "
-                f"has {spec.channels}. Encode the reference with the same MODEL you apply it to."
+                f"{which} was encoded on another model: layer {key} has {channels} channels, the model "
+                f"has {spec.channels}. {encode}with the same MODEL you apply it to."
             )
     if signature and cache.signature and signature.get("context_dim") != cache.signature.get("context_dim"):
         raise ValueError(
-            f"This DreamCache was encoded on a model with text width {cache.signature.get('context_dim')}, "
-            f"this one has {signature.get('context_dim')} (another base model). Encode the reference again with "
+            f"{which} was encoded on a model with text width {cache.signature.get('context_dim')}, "
+            f"this one has {signature.get('context_dim')} (another base model). {encode}again with "
             "this MODEL."
         )
 
@@ -449,7 +455,12 @@ def save_cache(cache: DreamCache, path: str) -> None:
         "metadata": json.dumps(cache.metadata, sort_keys=True),
     }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(tensors, path, metadata=metadata)
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except OSError:
+        raise
+    except Exception as error:  # safetensors reports the file system's refusals as its own SafetensorError
+        raise OSError(str(error)) from error
 
 
 def load_cache(path: str) -> DreamCache:
@@ -471,10 +482,7 @@ def load_cache(path: str) -> DreamCache:
         raise CacheFileError(f"{name} is not a DreamCache cache (it may be an adapter or a model). Pick a file "
                              "written by Save DreamCache.")
     again = "Save the cache again (or encode the reference again)."
-    try:
-        metadata = json.loads(meta.get("metadata", "{}"))
-    except json.JSONDecodeError as error:
-        raise CacheFileError(f"{name}: the 'metadata' field is not valid JSON ({error.msg}). {again}") from error
+    metadata = read_json_field(meta.get("metadata", "{}"), f"{name}: the 'metadata' field", again, CacheFileError)
     if not isinstance(metadata, dict):
         raise CacheFileError(f"{name}: the 'metadata' field is not a JSON object. {again}")
     features = {k[len("features."):]: v for k, v in tensors.items() if k.startswith("features.")}

@@ -129,8 +129,24 @@ def layer_strengths(specs: Iterable[MemoryLayerSpec], middle_weight: float = 1.0
     specs = list(specs)
     chosen = layer_preset_weights(preset, specs)
     out = {s.key: chosen[s.key] * float(middle_weight if s.block[0] == "middle" else decoder_weight) for s in specs}
-    out.update(parse_layer_weights(overrides, specs))
+    overridden = parse_layer_weights(overrides, specs)
+    out.update(overridden)
+    if not any(chosen.values()) and not any(overridden.values()):
+        raise ValueError(no_layer_selected_message(preset, specs))
     return out
+
+
+def no_layer_selected_message(preset: str, specs: list[MemoryLayerSpec]) -> str:
+    """Why ``preset`` personalises nothing on a model with memory layers ``specs``, and what to pick instead."""
+    groups = layer_groups(specs)
+    counts = {group: sum(1 for g in groups.values() if g == group) for group in ("middle", "coarse", "fine")}
+    has = (f"{'a middle memory layer' if counts['middle'] else 'no middle transformer'} and "
+           f"{counts['coarse'] + counts['fine']} decoder memory layer(s) "
+           f"({counts['coarse']} coarse, {counts['fine']} fine)")
+    working = [name for name in LAYER_PRESETS if any(layer_preset_weights(name, specs).values())]
+    return (f"layer_preset {preset!r} selects no memory layer of this model, which has {has}: DreamCache would "
+            f"change nothing. Pick a preset that has layers here ({', '.join(repr(n) for n in working)}), or name "
+            "layers in layer_weights (e.g. 'decoder=1').")
 
 
 def prepare_region_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

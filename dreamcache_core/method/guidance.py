@@ -1,4 +1,4 @@
-"""Guidance arithmetic of DreamCache (DESIGN.md section 1), in plain torch.
+"""Guidance arithmetic of DreamCache (the paper's joint and combined guidance), in plain torch.
 
 With I = the reference injected, T = the prompt and 0 = neither:
 

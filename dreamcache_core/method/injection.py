@@ -16,7 +16,7 @@ import torch
 from .adapter import adapter_for_model
 from .cache import DreamCache, check_cache_fits, parse_reference_weights
 from .controls import DEFAULT_LAYER_PRESET, layer_strengths
-from .input_checks import check_number
+from .input_checks import GROUP_WEIGHT_RANGE, PERCENT_RANGE, STRENGTH_RANGE, check_number
 from .layers import discover_memory_layers, model_signature
 from .patch import POSITIVE_CHUNK, DreamCacheInjection
 from .schedules import CONSTANT_SCHEDULE, FrameWeights, StepSchedule, parse_frame_weights
@@ -39,7 +39,8 @@ def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, st
                     decoder_weight: float = 1.0, layer_weights: str = "", reuse_memory_kv: bool = True,
                     attention=None, memory_managed: bool = False, layer_preset: str = DEFAULT_LAYER_PRESET,
                     weight_schedule: str = CONSTANT_SCHEDULE,
-                    frame_weights: Union[str, FrameWeights, None] = None) -> DreamCacheInjection:
+                    frame_weights: Union[str, FrameWeights, None] = None,
+                    cache_role: str = "cache") -> DreamCacheInjection:
     """Check ``adapter`` and ``cache`` against ``model`` and build the injection (not attached yet).
 
     reference_weights: "1, 0.5" (as typed in the node), a list, or None for the cache's own weights.
@@ -50,14 +51,19 @@ def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, st
     attention: the memory attention; default ComfyUI's optimized attention (what the U-Net itself uses).
     memory_managed: hand the adapter to ComfyUI's memory manager (loaded and offloaded with the model, its
     size counted with the memory keys/values); nodes and generation set it, training keeps its adapter itself.
+    cache_role: the input ``cache`` came through, for messages ("cache", or "negative_cache").
     """
-    for name, value in (("strength", strength), ("start_percent", start_percent), ("end_percent", end_percent),
-                        ("middle_weight", middle_weight), ("decoder_weight", decoder_weight)):
-        check_number(value, name)  # a linked input skips queue-time validation: NaN must not pass silently
+    for name, value, (low, high) in (("strength", strength, STRENGTH_RANGE),
+                                     ("start_percent", start_percent, PERCENT_RANGE),
+                                     ("end_percent", end_percent, PERCENT_RANGE),
+                                     ("middle_weight", middle_weight, GROUP_WEIGHT_RANGE),
+                                     ("decoder_weight", decoder_weight, GROUP_WEIGHT_RANGE)):
+        # the documented ranges, also for callers outside the nodes: 1e30 is finite but overflows the sample
+        check_number(value, name, low, high)
     unet = model.get_model_object("diffusion_model")
     ready_adapter = adapter_for_model(adapter, unet)
     specs = discover_memory_layers(unet)
-    check_cache_fits(cache, specs, model_signature(unet))
+    check_cache_fits(cache, specs, model_signature(unet), cache_role)
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
     if isinstance(reference_weights, str):
         reference_weights = parse_reference_weights(reference_weights, cache.num_references)
@@ -90,7 +96,9 @@ def hand_to_memory_manager(model, injections: Sequence[DreamCacheInjection]) -> 
         raise ValueError("Injections handed to the memory manager together must share one adapter.")
     dtype = model.model_dtype() or torch.float32
     extra = sum(injection.device_memory_bytes(dtype) for injection in injections)
-    injections[0].managed_models = [adapter_model_patcher(injections[0].adapter, extra)]
+    patcher = adapter_model_patcher(injections[0].adapter, extra)  # the adapter's one patcher, sized for these
+    injections[0].managed_models = [patcher]
+    injections[0].managed_size = patcher.size
     for injection in injections[1:]:
         injection.managed_models = []
 
@@ -117,6 +125,6 @@ def build_injections(model, adapter, cache: DreamCache, negative_cache: Optional
                              f"reference into {sorted(negative_chunks)}.")
         negative_controls = dict(controls, reference_mode="shared", reference_weights=None)
         injections.append(build_injection(model, positive.adapter, negative_cache, chunks=negative_chunks,
-                                          **negative_controls))
+                                          cache_role="negative_cache", **negative_controls))
     hand_to_memory_manager(model, injections)
     return injections

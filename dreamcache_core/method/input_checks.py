@@ -12,6 +12,7 @@ validation returns to ComfyUI); ``check_*`` functions raise it.
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Optional, Type
 
@@ -20,6 +21,17 @@ import torch
 # |weight| allowed for a per-layer weight (layer_weights). The useful range is 0..2; weights far beyond it only
 # blow the layer's output up (1e30 gives inf, then NaN downstream), so anything beyond this is taken as a typo.
 LAYER_WEIGHT_LIMIT = 100.0
+
+# The documented ranges of the numbers an artist sets, whether typed into a widget or arriving through a link
+# (the nodes declare these as their widgets' min/max, and the core checks them again): name -> (min, max).
+# Strength 1e30 or a guidance scale of 1e30 is finite but overflows the sampled latent to inf/NaN; inside these
+# ranges nothing of ours can (strength x layer weight x frame weight <= 2 x 100 x 100 scales the adapter's change
+# of one self-attention output, far from float32's or float16's overflow for a normalised activation).
+STRENGTH_RANGE = (0.0, 2.0)          # Apply DreamCache's strength (0 = the input model, 1 = as trained)
+PERCENT_RANGE = (0.0, 1.0)           # start_percent / end_percent
+GROUP_WEIGHT_RANGE = (0.0, 2.0)      # middle_weight / decoder_weight
+GUIDANCE_SCALE_RANGE = (0.0, 100.0)  # the DreamCache Guider's text_cfg / image_cfg
+COMBINE_WEIGHT_RANGE = (0.0, 10.0)   # Combine DreamCache's weight_1..4
 
 
 def number_problem(value, name: str, minimum: Optional[float] = None, maximum: Optional[float] = None,
@@ -77,6 +89,52 @@ def layer_weight_problem(weight: float, entry: str) -> Optional[str]:
         return (f"Layer weight '{entry}' is beyond +-{LAYER_WEIGHT_LIMIT:g}, which only blows the layer up (the "
                 "useful range is 0..2). Give a smaller number.")
     return None
+
+
+# Nesting deeper than this in a file's JSON metadata is refused: what the pack writes is at most 3 levels deep,
+# and Python's parser would otherwise hit its recursion limit (RecursionError) on a forged file.
+JSON_DEPTH_LIMIT = 32
+
+
+def json_depth_problem(text: str) -> Optional[str]:
+    """None when the JSON ``text`` nests arrays/objects at most ``JSON_DEPTH_LIMIT`` deep, else the message
+    (counted on the characters, outside strings, before any parsing)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for character in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif character == "\\":
+                escaped = True
+            elif character == '"':
+                in_string = False
+        elif character == '"':
+            in_string = True
+        elif character in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > JSON_DEPTH_LIMIT:
+                return f"nests lists or objects more than {JSON_DEPTH_LIMIT} levels deep"
+        elif character in "]}":
+            depth -= 1
+    return None
+
+
+def read_json_field(text, name: str, advice: str = "", error: Type[Exception] = ValueError):
+    """The value of the JSON ``text`` of field ``name`` (a file's metadata), or ``error`` saying what is wrong
+    with it: not text, not valid JSON, or nested too deeply to read safely."""
+    if not isinstance(text, str):
+        raise error(f"{name} is a {type(text).__name__}, not JSON text.{_tail(advice)}")
+    problem = json_depth_problem(text)
+    if problem:
+        raise error(f"{name} {problem}, which no DreamCache file does.{_tail(advice)}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as decode_error:
+        raise error(f"{name} is not valid JSON ({decode_error.msg}).{_tail(advice)}") from decode_error
+    except RecursionError as recursion_error:  # not reached below the depth limit; kept as a last guard
+        raise error(f"{name} nests too deeply to read.{_tail(advice)}") from recursion_error
 
 
 def _describe_bounds(minimum, maximum) -> str:

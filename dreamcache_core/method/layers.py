@@ -4,7 +4,7 @@ Plain torch: the U-Net is walked by structure (``input_blocks``,
 ``middle_block``, ``output_blocks``) and spatial transformers are recognised by
 their ``transformer_blocks`` list, so nothing from ComfyUI is imported.
 
-The rule (DESIGN.md section 1): number every spatial transformer in forward
+The rule (the paper's layer choice): number every spatial transformer in forward
 order from 0; the memory layers are the middle one and every second decoder
 one, i.e. the decoder transformers at odd positions inside the decoder
 (the authors' "even global index" for SD1.5/SD2.1: 6, 8, 10, 12, 14).

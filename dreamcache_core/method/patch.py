@@ -1,6 +1,6 @@
 """The attention patch callables that inject a DreamCache into ComfyUI's U-Net.
 
-ComfyUI protocol (DESIGN.md section 2): ``attn1_patch(n, context, value,
+ComfyUI's patch protocol (comfy/ldm/modules/attention.py, BasicTransformerBlock): ``attn1_patch(n, context, value,
 extra_options)`` sees n = norm1(x) before self-attention and
 ``attn1_output_patch(a1, extra_options)`` sees the self-attention output; both
 get the same ``extra_options`` dict within one transformer-block call, so the
@@ -22,7 +22,8 @@ reference per image of the batch.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -30,7 +31,7 @@ from .adapter import DreamCacheAdapter, multihead_attention
 from .cache import DreamCache, check_reference_weights
 from .controls import REFERENCE_MODES, prepare_region_mask, region_token_weights, token_grid
 from .normal_tensors import normal_tensors, parameters_state
-from .schedules import FrameWeights, StepSchedule
+from .schedules import FrameWeights, StepSchedule, float32
 
 POSITIVE_CHUNK = 0  # index of the positive cond list in KSampler's cond_or_uncond
 NEGATIVE_CHUNK = 1  # and of the negative one
@@ -90,7 +91,11 @@ class DreamCacheInjection:
         self.step_schedule = step_schedule
         self.frame_weights = frame_weights
         self._memo: dict = {}  # (device, layer key, dtype) -> (parameter state, weights, K, V, key mask)
-        self._region_memo: dict = {}  # (device, height, width) -> token weights
+        self._region_memo: dict = {}  # (device, height, width) -> (token weights, covered tokens per mask)
+        self._index_memo: dict = {}  # (device, indices) -> long tensor of the indices on that device
+        self._has_window = self.sigma_start != math.inf or self.sigma_end > 0
+        # the window's bounds as float32, as the rows' float32 sigmas were compared with them
+        self._sigma_start_f32, self._sigma_end_f32 = float32(self.sigma_start), float32(self.sigma_end)
         self.attn1_patch = DreamCacheNorm1Patch(self)
         self.attn1_output_patch = DreamCacheOutputPatch(self)
 
@@ -102,33 +107,70 @@ class DreamCacheInjection:
             return None
         return self.layers_by_block.get((block[0], int(block[1])))
 
-    def active_rows(self, batch: int, extra_options: dict) -> Optional[torch.Tensor]:
-        """Bool [batch] of rows to personalise, or None when no row is."""
-        active = torch.ones(batch, dtype=torch.bool)
+    def active_rows(self, batch: int, extra_options: dict) -> Optional[list]:
+        """Indices of the rows to personalise (their chunk is included and their sigma inside the window), or
+        None when no row is. Decided on the host from host values only (see ``row_sigmas``)."""
+        active = [True] * batch
         if self.chunks is not None:
             chunk_ids = extra_options.get("cond_or_uncond")
             if chunk_ids:
                 per_chunk = batch // len(chunk_ids)
-                active &= torch.tensor([c in self.chunks for c in chunk_ids]).repeat_interleave(per_chunk)
-        sigma = row_sigmas(batch, extra_options)
-        if sigma is not None and (self.sigma_start != math.inf or self.sigma_end > 0):
-            active &= (sigma <= self.sigma_start) & (sigma >= self.sigma_end)
-        return active if bool(active.any()) else None
+                active = [r < per_chunk * len(chunk_ids) and chunk_ids[r // per_chunk] in self.chunks
+                          for r in range(batch)]
+        if self._has_window:
+            sigma = row_sigmas(batch, extra_options)
+            if sigma is not None:
+                active = [a and self._sigma_end_f32 <= s <= self._sigma_start_f32 for a, s in zip(active, sigma)]
+        rows = [r for r, a in enumerate(active) if a]
+        return rows or None
 
-    def row_scales(self, batch: int, extra_options: dict) -> Optional[torch.Tensor]:
-        """Float32 [batch]: the step schedule's factor at each row's sigma times the frame weight of the row's
-        image; None when neither is set (every factor 1)."""
+    def row_scales(self, batch: int, extra_options: dict) -> Optional[list]:
+        """[batch] floats (float32 values): the step schedule's factor at each row's sigma times the frame weight
+        of the row's image; None when neither is set (every factor 1)."""
         if self.step_schedule is None and self.frame_weights is None:
             return None
-        scales = torch.ones(batch)
+        scales = [1.0] * batch
         sigma = row_sigmas(batch, extra_options)
         if self.step_schedule is not None and sigma is not None:
-            scales = scales * self.step_schedule.factors(sigma)
+            scales = self.step_schedule.factors_of(sigma)
         if self.frame_weights is not None:
             images = images_in_batch(batch, extra_options)
-            weights = torch.tensor(self.frame_weights.for_frames(images), dtype=torch.float32)
-            scales = scales * weights[torch.arange(batch) % images]
+            weights = [float32(w) for w in self.frame_weights.for_frames(images)]
+            scales = [float32(s * weights[r % images]) for r, s in enumerate(scales)]
         return scales
+
+    def plan(self, key: str, batch: int, extra_options: dict) -> Optional["LayerPlan"]:
+        """Which rows of this memory layer's call are personalised and how strongly, or None when none is.
+
+        Pure host arithmetic on host values: it never reads a device tensor (the rows' sigmas come from
+        ``row_sigmas``), so deciding costs the U-Net call no device-to-host transfer."""
+        strength = self.strength * self.layer_strengths.get(key, 1.0)
+        if strength == 0:
+            return None
+        rows = self.active_rows(batch, extra_options)
+        if rows is None:
+            return None
+        scales = self.row_scales(batch, extra_options)
+        row_strengths = None
+        if scales is not None:
+            rows = [r for r in rows if scales[r] != 0]
+            if not rows:
+                return None
+            row_strengths = [float32(scales[r] * float32(strength)) for r in rows]  # as float32 tensors multiply
+        return LayerPlan(key, batch, rows, strength, row_strengths, images_in_batch(batch, extra_options))
+
+    def device_index(self, values: Sequence[int], device) -> torch.Tensor:
+        """A long tensor of ``values`` on ``device``, made once per (device, values): a host-to-device copy, never
+        the other way."""
+        memo_key = (str(device), tuple(values))
+        found = self._index_memo.get(memo_key)
+        if found is None:
+            if len(self._index_memo) > 256:
+                self._index_memo.clear()
+            with normal_tensors():
+                found = torch.tensor(list(values), dtype=torch.long, device=device)
+            self._index_memo[memo_key] = found
+        return found
 
     def _memory_tokens(self, key: str, device, dtype):
         """(tokens [1 or N, L, C], key mask or bias [1 or N, L] or None) in this injection's reference mode."""
@@ -160,13 +202,16 @@ class DreamCacheInjection:
             self._memo[memo_key] = found
         return found[1], found[2], found[3], found[4]
 
-    def region_weights(self, height: int, width: int, device) -> torch.Tensor:
-        """[M, height*width] float32 token weights of the region mask at this grid, on ``device`` (memoised)."""
+    def region_weights(self, height: int, width: int, device) -> tuple:
+        """(token weights [M, height*width] float32 on ``device``, for each mask the host list of the tokens it
+        covers) of the region mask at this grid, memoised per device and grid."""
         memo_key = (str(device), height, width)
         found = self._region_memo.get(memo_key)
         if found is None:
             with normal_tensors():  # may be saved for backward when training through a region
-                found = region_token_weights(self.region_mask, height, width).to(device)
+                weights = region_token_weights(self.region_mask, height, width)
+                covered = [frozenset(torch.nonzero(row).flatten().tolist()) for row in weights]
+                found = (weights.to(device), covered)
             self._region_memo[memo_key] = found
         return found
 
@@ -183,10 +228,16 @@ class DreamCacheInjection:
         keep = None if keep_device is None else str(keep_device)
         self._memo = {k: v for k, v in self._memo.items() if keep is not None and k[0] == keep}
         self._region_memo = {k: v for k, v in self._region_memo.items() if keep is not None and k[0] == keep}
+        self._index_memo = {k: v for k, v in self._index_memo.items() if keep is not None and k[0] == keep}
         self.cache.release_device_copies(keep_device)
 
     def models(self):
-        """ModelPatchers ComfyUI's memory manager loads and offloads with the model (the adapter's)."""
+        """ModelPatchers ComfyUI's memory manager loads and offloads with the model (the adapter's). The adapter's
+        one patcher may be shared by several Apply nodes: it is sized here, when ComfyUI asks before loading, with
+        what this injection handed over (``managed_size``)."""
+        for patcher in self.managed_models:
+            if getattr(self, "managed_size", None):
+                patcher.size = self.managed_size
         return list(self.managed_models)
 
     def memory_kv_bytes(self, dtype: torch.dtype) -> int:
@@ -203,14 +254,61 @@ class DreamCacheInjection:
         return self.memory_kv_bytes(dtype) + tokens
 
 
-def row_sigmas(batch: int, extra_options: dict) -> Optional[torch.Tensor]:
-    """Float32 [batch] on the CPU: the sigma of each row of this U-Net call (ComfyUI passes one per row, or one
-    for all); None when the call carries none."""
-    sigmas = extra_options.get("sigmas")
-    if sigmas is None:
-        return None
-    sigma = sigmas.detach().float().cpu().reshape(-1)
-    return sigma.expand(batch) if sigma.numel() == 1 else sigma
+ROW_SIGMAS_KEY = "dreamcache_row_sigmas"  # transformer_options entry: the host list of each row's sigma
+
+
+def row_sigmas(batch: int, extra_options: dict) -> Optional[list]:
+    """The sigma of each of the ``batch`` rows of this U-Net call as host floats, or None when the call carries none.
+
+    ``record_row_sigmas`` (registered with the patches) reads the step's sigmas to the host once per model call,
+    before the U-Net runs, and leaves them under ``ROW_SIGMAS_KEY``; only without it are ComfyUI's ``sigmas``
+    read here (a device-to-host transfer inside the U-Net call). ComfyUI gives one sigma per image, per row, or
+    one for all; rows are stacked chunk after chunk, so row r belongs to image r % images."""
+    sigma = extra_options.get(ROW_SIGMAS_KEY)
+    if sigma is None:
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return None
+        sigma = sigmas.detach().float().reshape(-1).tolist()
+    if len(sigma) == batch:
+        return list(sigma)
+    if len(sigma) == 0 or batch % len(sigma):
+        raise ValueError(f"The U-Net call has {batch} rows but {len(sigma)} sigmas; DreamCache cannot tell each "
+                         "row's noise level.")
+    return [sigma[r % len(sigma)] for r in range(batch)]
+
+
+def record_row_sigmas(executor, x, t, *args, **kwargs):
+    """ComfyUI apply_model wrapper: read the rows' sigmas ``t`` to the host once per model call, before the
+    U-Net runs, and hand them to the patches in the transformer options, so that deciding which rows to
+    personalise costs the U-Net call no device-to-host transfer (one read per call instead of one per memory
+    layer, and none while the U-Net's kernels are queued)."""
+    options_at = 4  # apply_model(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if len(args) > options_at - 1:
+        options = dict(args[options_at - 1])
+        options[ROW_SIGMAS_KEY] = t.detach().float().reshape(-1).tolist()
+        args = args[:options_at - 1] + (options,) + args[options_at:]
+    else:
+        options = dict(kwargs.get("transformer_options") or {})
+        options[ROW_SIGMAS_KEY] = t.detach().float().reshape(-1).tolist()
+        kwargs["transformer_options"] = options
+    return executor(x, t, *args, **kwargs)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one memory layer's call does: ``rows`` of the ``batch`` are personalised, each with ``strength``
+    or, when the schedules give rows their own, ``row_strengths`` (one per row of ``rows``)."""
+    key: str
+    batch: int
+    rows: list
+    strength: float
+    row_strengths: Optional[list]
+    images: int
+
+    @property
+    def every_row(self) -> bool:
+        return len(self.rows) == self.batch
 
 
 def images_in_batch(batch: int, extra_options: dict) -> int:
@@ -253,75 +351,78 @@ class DreamCacheOutputPatch:
         n = extra_options.pop(injection.state_key, None)
         if n is None:
             return a1
-        strength = injection.strength * injection.layer_strengths.get(key, 1.0)
-        if strength == 0:
+        plan = injection.plan(key, a1.shape[0], extra_options)
+        if plan is None:
             return a1
-        rows = injection.active_rows(a1.shape[0], extra_options)
-        if rows is None:
-            return a1
-        scales = injection.row_scales(a1.shape[0], extra_options)
-        if scales is not None:
-            rows &= scales != 0
-            if not bool(rows.any()):
-                return a1
-            scales = scales[rows] * strength  # the strength of each active row
-        weights, memory_k, memory_v, key_mask = injection.layer_memory(key, a1.device, a1.dtype)
-        row_index = None if bool(rows.all()) else rows.nonzero().flatten().to(a1.device)
+        return self.apply(plan, n, a1, extra_options)
+
+    def apply(self, plan: LayerPlan, n, a1, extra_options: dict):
+        """memory -> adapter -> blend -> write back, on the plan's rows (and the region's tokens)."""
+        injection = self.injection
+        device = a1.device
+        weights, memory_k, memory_v, key_mask = injection.layer_memory(plan.key, device, a1.dtype)
+        row_index = None if plan.every_row else injection.device_index(plan.rows, device)
         a1_rows = a1 if row_index is None else a1[row_index]
-        n_rows = n if row_index is None else n[row_index.to(n.device)]
+        n_rows = n if row_index is None else n[row_index]  # n and a1 share a device
         if injection.reference_mode == "per_image" and memory_k.shape[0] > 1:
-            pick = self.image_of_rows(a1.shape[0], rows, extra_options, memory_k.shape[0]).to(memory_k.device)
+            pick = injection.device_index(self.image_of_rows(plan, memory_k.shape[0]), memory_k.device)
             memory_k, memory_v = memory_k[pick], memory_v[pick]
             key_mask = None if key_mask is None else key_mask[pick]
         tokens, blend = None, None
         if injection.region_mask is not None:
-            token_weights = self.region_token_weights(a1, rows, extra_options)
-            token_weights = token_weights * strength if scales is None else token_weights * scales[:, None]
-            tokens = (token_weights != 0).any(0).nonzero().flatten()
-            if tokens.numel() == 0:
+            token_weights, covered = self.region_token_weights(a1, plan, extra_options)
+            if not covered:
                 return a1
-            a1_rows, n_rows = a1_rows[:, tokens], n_rows[:, tokens.to(n.device)]
-            blend = token_weights[:, tokens].to(a1.dtype).unsqueeze(-1)
-        elif scales is not None:
-            blend = scales.to(a1.device, a1.dtype)[:, None, None]
-        adapted = injection.adapter.layer(key)(n_rows, a1_rows, memory_k, memory_v, key_mask=key_mask,
-                                              weights=weights, attention=injection.attention)
+            tokens = injection.device_index(covered, device)
+            token_weights = token_weights[:, tokens] * self.row_strength_column(plan, token_weights)
+            a1_rows, n_rows = a1_rows[:, tokens], n_rows[:, tokens]
+            blend = token_weights.to(a1.dtype).unsqueeze(-1)
+        elif plan.row_strengths is not None:
+            blend = self.row_strength_column(plan, a1)[:, :, None].to(a1.dtype)
+        adapted = injection.adapter.layer(plan.key)(n_rows, a1_rows, memory_k, memory_v, key_mask=key_mask,
+                                                   weights=weights, attention=injection.attention)
         if blend is not None:  # per-token or per-row strength; lerp at 1 gives adapted exactly
             adapted = torch.where(blend != 0, torch.lerp(a1_rows, adapted, blend), a1_rows)
-        elif strength != 1.0:
-            adapted = a1_rows + strength * (adapted - a1_rows)
+        elif plan.strength != 1.0:
+            adapted = a1_rows + plan.strength * (adapted - a1_rows)
         if row_index is None and tokens is None:
             return adapted
         out = a1.clone()
         if tokens is None:
             out[row_index] = adapted
         else:
-            rows_of = torch.arange(a1.shape[0], device=a1.device) if row_index is None else row_index
+            rows_of = injection.device_index(range(plan.batch) if row_index is None else plan.rows, device)
             out[rows_of[:, None], tokens[None, :]] = adapted
         return out
 
-    def image_of_rows(self, batch: int, rows, extra_options: dict, references: int) -> torch.Tensor:
-        """Index of the image (of the latent batch) each active row belongs to, for one reference per image."""
-        images = images_in_batch(batch, extra_options)
-        if references != images:
+    def row_strength_column(self, plan: LayerPlan, like: torch.Tensor) -> torch.Tensor:
+        """[rows, 1] float32 strengths of the plan's rows on ``like``'s device (a host-to-device copy)."""
+        if plan.row_strengths is None:
+            return torch.full((len(plan.rows), 1), float32(plan.strength), dtype=torch.float32, device=like.device)
+        return torch.tensor(plan.row_strengths, dtype=torch.float32, device=like.device)[:, None]
+
+    def image_of_rows(self, plan: LayerPlan, references: int) -> list:
+        """Index of the image (of the latent batch) each planned row belongs to, for one reference per image."""
+        if references != plan.images:
             raise ValueError(
                 f"'one reference per image' needs one reference for each image of the batch: the cache holds "
-                f"{references} references but the batch has {images} images. Encode as many references as "
+                f"{references} references but the batch has {plan.images} images. Encode as many references as "
                 "images (a batch), or use 'all references shared'.")
-        return rows.nonzero().flatten() % images
+        return [r % plan.images for r in plan.rows]
 
-    def region_token_weights(self, a1, rows, extra_options: dict) -> torch.Tensor:
-        """[active rows, tokens] float32 weights of the region mask at this layer's token grid."""
+    def region_token_weights(self, a1, plan: LayerPlan, extra_options: dict) -> tuple:
+        """([planned rows, tokens] float32 region weights at this layer's token grid, sorted host list of the
+        tokens the planned rows' masks cover)."""
         height, width = token_grid(extra_options, a1.shape[1])
-        region = self.injection.region_weights(height, width, a1.device)  # [M, L]
-        active = int(rows.sum())
+        region, covered = self.injection.region_weights(height, width, a1.device)  # [M, L]
         if region.shape[0] == 1:
-            return region.expand(active, -1)
-        images = images_in_batch(a1.shape[0], extra_options)
-        if region.shape[0] != images:
-            raise ValueError(f"The attention mask batch has {region.shape[0]} masks for a batch of {images} images; "
-                             "give one mask, or one mask per image.")
-        return region[(rows.nonzero().flatten() % images).to(region.device)]
+            return region.expand(len(plan.rows), -1), sorted(covered[0])
+        if region.shape[0] != plan.images:
+            raise ValueError(f"The attention mask batch has {region.shape[0]} masks for a batch of {plan.images} "
+                             "images; give one mask, or one mask per image.")
+        images = [r % plan.images for r in plan.rows]
+        tokens = sorted(set().union(*(covered[i] for i in images)))
+        return region[self.injection.device_index(images, region.device)], tokens
 
     def to(self, device):
         self.injection.to(device)
@@ -329,10 +430,3 @@ class DreamCacheOutputPatch:
 
     def models(self):
         return self.injection.models()
-
-
-def attach_injection(model_patcher, injection: DreamCacheInjection):
-    """Register the injection's two callables on a ModelPatcher (call on a clone)."""
-    model_patcher.set_model_attn1_patch(injection.attn1_patch)
-    model_patcher.set_model_attn1_output_patch(injection.attn1_output_patch)
-    return model_patcher

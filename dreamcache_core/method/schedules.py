@@ -18,8 +18,10 @@ Frame weights give each image of a latent batch (each frame of an animation) its
 """
 from __future__ import annotations
 
+import bisect
 import math
 import re
+import struct
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -29,6 +31,14 @@ from .input_checks import LAYER_WEIGHT_LIMIT
 STEP_SCHEDULES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out")
 CONSTANT_SCHEDULE = "linear"
 PERCENT_GRID = 1000  # sampling percents tabulated to read a sigma back as a percent
+
+
+def float32(value: float) -> float:
+    """``value`` rounded to float32, so that host arithmetic gives what float32 tensor arithmetic gave."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def schedule_factor(schedule: str, u):
@@ -64,36 +74,53 @@ class StepSchedule:
                               torch.tensor([1.0 - 1e-6], dtype=torch.float64)])  # ~ the first and the last sigma
         sigmas = torch.tensor([float(percent_to_sigma(float(p))) for p in percents], dtype=torch.float64)
         keep = sigmas > 0
-        # increasing in log sigma for torch's interpolation: reversed
-        self._log_sigmas = sigmas[keep].log().flip(0)
-        self._percents = percents[keep].flip(0)
+        # increasing in log sigma for the interpolation: reversed; host lists, so that a step's factor is
+        # found without touching a device (the patches call this inside the U-Net)
+        self._log_sigmas = sigmas[keep].log().flip(0).tolist()
+        self._percents = percents[keep].flip(0).tolist()
 
-    def percent_of(self, sigma: torch.Tensor) -> torch.Tensor:
-        """The sampling percent of each sigma (0 = the first step's noise level, 1 = clean)."""
-        log_sigma = sigma.detach().to("cpu", torch.float64).clamp_min(1e-12).log()
+    def percent_at(self, sigma: float) -> float:
+        """The sampling percent of one sigma (0 = the first step's noise level, 1 = clean)."""
         x, y = self._log_sigmas, self._percents
-        index = torch.searchsorted(x, log_sigma).clamp(1, x.numel() - 1)
+        log_sigma = math.log(max(float(sigma), 1e-12))
+        index = min(max(bisect.bisect_left(x, log_sigma), 1), len(x) - 1)
         x0, x1, y0, y1 = x[index - 1], x[index], y[index - 1], y[index]
-        t = ((log_sigma - x0) / (x1 - x0)).clamp(0, 1)
+        t = min(max((log_sigma - x0) / (x1 - x0), 0.0), 1.0)
         return y0 + t * (y1 - y0)
 
-    def progress_of(self, sigma: torch.Tensor) -> torch.Tensor:
+    def progress_at(self, sigma: float) -> float:
         span = self.end_percent - self.start_percent
         if span <= 0:
-            return torch.zeros(sigma.shape, dtype=torch.float64)
-        return ((self.percent_of(sigma) - self.start_percent) / span).clamp(0, 1)
+            return 0.0
+        return min(max((self.percent_at(sigma) - self.start_percent) / span, 0.0), 1.0)
+
+    def factors_of(self, sigmas: Sequence[float]) -> list[float]:
+        """The multiplier at each sigma, as host floats rounded to float32."""
+        return [float32(schedule_factor(self.schedule, self.progress_at(s))) for s in sigmas]
+
+    def percent_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``percent_at`` of each sigma of a tensor, as a float64 CPU tensor."""
+        return torch.tensor([self.percent_at(s) for s in sigma.detach().reshape(-1).tolist()],
+                            dtype=torch.float64).reshape(sigma.shape)
 
     def factors(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Float32 multiplier per sigma."""
-        return schedule_factor(self.schedule, self.progress_of(sigma)).to(torch.float32)
+        """Float32 multiplier per sigma of a tensor."""
+        return torch.tensor(self.factors_of(sigma.detach().reshape(-1).tolist()),
+                            dtype=torch.float32).reshape(sigma.shape)
 
 
 FRAME_ENTRY = re.compile(r"^\s*(\d+)\s*[=:]\s*(\S+)\s*$")
+MAX_FRAME = 1_000_000  # keyframe numbers above this are typos (no latent batch comes near), and are refused
+
+
+def _shortened(text: str, limit: int = 40) -> str:
+    """``text`` cut to ``limit`` characters with the count of the rest, so a pasted wall of digits stays readable."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def frame_weight_problem(weight: float, entry: str) -> Optional[str]:
     if not math.isfinite(weight) or weight < 0 or weight > LAYER_WEIGHT_LIMIT:
-        return (f"Frame weight '{entry}' must be a number from 0 to {LAYER_WEIGHT_LIMIT:g} (0 leaves that frame "
+        return (f"Frame weight '{_shortened(entry)}' must be a number from 0 to {LAYER_WEIGHT_LIMIT:g} (0 leaves that frame "
                 "unpersonalised).")
     return None
 
@@ -129,9 +156,12 @@ def parse_frame_weights(text: str) -> Optional[FrameWeights]:
     if not text:
         return None
     entries = [e.strip() for e in text.replace(";", ",").replace("\n", ",").split(",") if e.strip()]
+    if not entries:
+        raise ValueError(f"Frame weights {_shortened(text)!r} hold no weight, only separators. Write one weight per frame "
+                         "('1, 0.8, 0.5'), keyframes ('0=1, 16=0'), or leave the field empty for 1 on every frame.")
     keyed = ["=" in e or ":" in e for e in entries]
     if any(keyed) and not all(keyed):
-        raise ValueError(f"Frame weights {text!r} mix plain weights and frame=weight keyframes: write either one "
+        raise ValueError(f"Frame weights {_shortened(text)!r} mix plain weights and frame=weight keyframes: write either one "
                          "weight per frame ('1, 0.8, 0.5') or keyframes ('0=1, 16=0').")
     if all(keyed):
         keyframes, seen = [], set()
@@ -144,11 +174,15 @@ def parse_frame_weights(text: str) -> Optional[FrameWeights]:
                 except ValueError:
                     weight = None
             if weight is None:
-                raise ValueError(f"Frame weight keyframe '{entry}' is not frame=weight with a frame number from 0 "
+                raise ValueError(f"Frame weight keyframe '{_shortened(entry)}' is not frame=weight with a frame number from 0 "
                                  "and a weight, e.g. '0=1, 16=0.2'.")
-            frame = int(found.group(1))
+            digits = found.group(1).lstrip("0") or "0"
+            if len(digits) > len(str(MAX_FRAME)) or int(digits) > MAX_FRAME:
+                raise ValueError(f"Frame weight keyframe '{_shortened(entry)}' names frame {_shortened(digits)}, "
+                                 f"beyond the last frame any batch has; frame numbers go from 0 to {MAX_FRAME}.")
+            frame = int(digits)
             if frame in seen:
-                raise ValueError(f"Frame {frame} has two keyframes in {text!r}; give each frame once.")
+                raise ValueError(f"Frame {frame} has two keyframes in {_shortened(text)!r}; give each frame once.")
             seen.add(frame)
             problem = frame_weight_problem(weight, entry)
             if problem:
@@ -160,7 +194,7 @@ def parse_frame_weights(text: str) -> Optional[FrameWeights]:
         try:
             weight = float(entry)
         except ValueError as error:
-            raise ValueError(f"Frame weight '{entry}' is not a number: write one weight per frame separated by "
+            raise ValueError(f"Frame weight '{_shortened(entry)}' is not a number: write one weight per frame separated by "
                              "commas, e.g. '1, 0.8, 0.5', or keyframes such as '0=1, 16=0'.") from error
         problem = frame_weight_problem(weight, entry)
         if problem:

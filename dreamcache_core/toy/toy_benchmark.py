@@ -382,7 +382,8 @@ def main(argv=None) -> int:
     # Samples with Apply DreamCache + KSampler on held-out subjects: does the colour follow the reference?
     from ..method.cache import combine_caches
     from ..method.injection import build_injection
-    from ..method.patch import POSITIVE_CHUNK, attach_injection
+    from ..comfy_bridge import attach_injection
+    from ..method.patch import POSITIVE_CHUNK
 
     count = min(len(eval_samples), 48)
     cache = combine_caches(eval_caches[:count])

@@ -265,6 +265,10 @@ def main(argv=None) -> int:
             manifest = read_manifest(args.validate)
             print(manifest.report())
             return 0 if manifest.rows else 1
+        if args.sam:  # a path, or a name in ComfyUI's models/sams
+            from ..comfy_bridge.model_files import resolve_model_file
+
+            args.sam = resolve_model_file(args.sam, "sam")
         segmenter = sam_segmenter(args.sam, args.sam_device) if args.sam else None
         report = build_dataset(args.images, args.out, args.captions, segmenter, args.mask_suffix,
                                args.references_per_image, args.reference_size, args.margin, args.seed,

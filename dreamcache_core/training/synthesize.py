@@ -488,6 +488,18 @@ class PipelineRenderer:
 # Command line
 # --------------------------------------------------------------------------
 
+def add_segmentation_arguments(p: argparse.ArgumentParser) -> None:
+    """The segmentation options (what ``make_segmenter`` reads) shared by synthesis and Subjects200K preparation."""
+    g = p.add_argument_group("segmentation")
+    g.add_argument("--detector", help="Grounding-DINO folder (transformers save_pretrained / a local hub copy)")
+    g.add_argument("--segmenter", help="SAM folder for transformers' SamModel (with --detector)")
+    g.add_argument("--sam", help="without --detector: a segment-anything checkpoint, prompted automatically")
+    g.add_argument("--device", help="device of the segmentation models (default: cuda when available)")
+    g.add_argument("--min-score", type=float, default=FilterSettings.min_score, help="lowest detection score kept")
+    g.add_argument("--min-mask-fraction", type=float, default=FilterSettings.min_fraction)
+    g.add_argument("--max-mask-fraction", type=float, default=FilterSettings.max_fraction)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dreamcache_core.training.synthesize", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -507,14 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative", default="")
     g.add_argument("--seed", type=int, default=0, help="row n renders with seed + n")
     g.add_argument("--batch", type=int, default=1, help="rows rendered together")
-    g = p.add_argument_group("segmentation")
-    g.add_argument("--detector", help="Grounding-DINO folder (transformers save_pretrained / a local hub copy)")
-    g.add_argument("--segmenter", help="SAM folder for transformers' SamModel (with --detector)")
-    g.add_argument("--sam", help="without --detector: a segment-anything checkpoint, prompted automatically")
-    g.add_argument("--device", help="device of the segmentation models (default: cuda when available)")
-    g.add_argument("--min-score", type=float, default=FilterSettings.min_score, help="lowest detection score kept")
-    g.add_argument("--min-mask-fraction", type=float, default=FilterSettings.min_fraction)
-    g.add_argument("--max-mask-fraction", type=float, default=FilterSettings.max_fraction)
+    add_segmentation_arguments(p)
     g = p.add_argument_group("references and output")
     g.add_argument("--references-per-image", type=int, default=1)
     g.add_argument("--reference-size", type=int, default=512)
@@ -538,6 +543,9 @@ def make_segmenter(args):
     if args.segmenter:
         raise ValueError("--segmenter is prompted by the detector's boxes: give --detector too, or --sam alone.")
     if args.sam:
+        from ..comfy_bridge.model_files import resolve_model_file
+
+        args.sam = resolve_model_file(args.sam, "sam", args.comfyui)
         return AutomaticSam(args.sam, args.device), {"kind": "segment-anything automatic prompt",
                                                      "sam": os.path.abspath(args.sam)}
     raise ValueError("Give the segmentation models: --detector DIR --segmenter DIR (Grounding-DINO + SAM), "
@@ -561,9 +569,10 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
 
         if not args.checkpoint:
             raise ValueError("Give the base that renders the targets: --checkpoint FILE (SDXL, SD1.5, ...).")
-        if not os.path.isfile(args.checkpoint):
-            raise ValueError(f"--checkpoint {args.checkpoint} is not a file.")
         ensure_comfyui(args.comfyui, cpu=args.cpu)
+        from ..comfy_bridge.model_files import resolve_model_file
+
+        args.checkpoint = resolve_model_file(args.checkpoint, "checkpoint", args.comfyui)
         checkpoint_info = os.path.abspath(args.checkpoint)
         pipeline = load_pipeline(args.checkpoint)
     renderer = PipelineRenderer(pipeline, args.width, args.height, args.steps, args.cfg, args.sampler, args.scheduler,

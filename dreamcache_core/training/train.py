@@ -6,7 +6,11 @@
     torchrun --nproc_per_node 4 -m dreamcache_core.training.train ...                     # several GPUs (DDP over the adapter)
 
 Run it from the pack folder. ComfyUI comes from --comfyui, $COMFYUI_PATH, or
-the ComfyUI holding custom_nodes/<this pack>.
+the ComfyUI holding custom_nodes/<this pack>. --checkpoint and --init-adapter
+take a path or a file name in ComfyUI's model folders. The final adapter is
+written to --output-dir; --install-as NAME.safetensors also copies it into
+ComfyUI's models/dreamcache (refused before training if that file exists,
+unless --overwrite-installed).
 
 What a step does (see training_loss / training_loop): each sample's reference
 is cached at t = 1 by ``comfy_bridge.encode_reference`` (the Encode node's code,
@@ -26,8 +30,13 @@ TensorBoard) and the held-out matched-vs-shuffled reference gap
 
 --data is a JSONL manifest (see training_data; build one with
 ``python -m dreamcache_core.training.dataset``), or a sharded one (``python -m
-dreamcache_core.training.synthesize``'s folder, read shard by shard), encoded on the fly with the
-checkpoint's VAE and text encoder, or a folder written by --precompute.
+dreamcache_core.training.synthesize``'s folder, read shard by shard), the authors'
+released layout (object folders of <stem>_generation.png, _caption.txt, _mask.png),
+or Subjects200K as prepared by ``python -m dreamcache_core.training.prepare_subjects200k``,
+encoded on the fly with the checkpoint's VAE and text encoder, or a folder written
+by --precompute; the kind is told from the path (data_formats, --data-format).
+--augment authors augments each reference as the authors trained (reference_augmentation;
+the default for the authors' layout and Subjects200K).
 """
 from __future__ import annotations
 
@@ -37,7 +46,11 @@ import sys
 
 import torch
 
-from .training_loop import DistributedInfo, TrainConfig
+from .data_formats import AUGMENTED_BY_DEFAULT, DATA_FORMATS
+from .reference_augmentation import AUGMENT_MODES
+from .training_loop import OPTIMIZERS, DistributedInfo, TrainConfig
+
+DEFAULT_AUGMENT_VARIANTS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,15 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("base model")
     g.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH or the one holding custom_nodes)")
-    g.add_argument("--checkpoint", help="SD1.x / SD2.x / SDXL checkpoint, loaded by ComfyUI's loader")
+    g.add_argument("--checkpoint", help="SD1.x / SD2.x / SDXL checkpoint, loaded by ComfyUI's loader: a path, or a "
+                                        "file name in ComfyUI's models/checkpoints")
     g.add_argument("--unet-config", help="JSON ComfyUI unet config (tests, toy models) instead of --checkpoint")
     g.add_argument("--unet-weights", help=".safetensors of the U-Net built from --unet-config")
     g.add_argument("--prediction", choices=["eps", "v"], help="with --unet-config (default: the JSON's, else eps)")
     g.add_argument("--unet-dtype", default="auto", help="auto (ComfyUI's choice) | fp32 | fp16 | bf16")
     g.add_argument("--cpu", action="store_true", help="run on the CPU")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="manifest .jsonl, a sharded folder (or its index.json) written by "
-                                                 "dreamcache_core.training.synthesize, or a folder written by --precompute")
+    g.add_argument("--data", required=True,
+                   help="manifest .jsonl, a sharded folder (or its index.json) written by dreamcache_core.training."
+                        "synthesize, an authors'-layout folder, a folder written by prepare_subjects200k, or one "
+                        "written by --precompute")
+    g.add_argument("--data-format", default="auto", choices=DATA_FORMATS,
+                   help="what --data is (default: told from the path)")
+    g.add_argument("--augment", choices=AUGMENT_MODES,
+                   help="reference augmentation: authors (white background, crop, random resize >= 70%%, flip, "
+                        "jitter, erase; the default for the authors' layout and Subjects200K) or none (the default "
+                        "for manifests and synthesis folders)")
+    g.add_argument("--augment-variants", type=int, metavar="K",
+                   help="with --precompute and augmentation: augmented references stored per sample, one drawn per "
+                        f"step (default {DEFAULT_AUGMENT_VARIANTS}; K times the reference storage and encoding time)")
+    g.add_argument("--min-quality", type=float,
+                   help="Subjects200K: the quality bar on all three scores (set by prepare_subjects200k, default 5; "
+                        "a prepared folder is checked against it)")
     g.add_argument("--resolution", type=int, default=512, help="training image size (shorter side, centre crop)")
     g.add_argument("--reference-resolution", type=int, help="reference size (default: --resolution)")
     g.add_argument("--no-masks", action="store_true", help="ignore reference masks (cache every reference token)")
@@ -63,20 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precompute-caches", action="store_true", help="also precompute each reference's cache")
     g.add_argument("--precompute-only", action="store_true", help="stop after --precompute")
     g = p.add_argument_group("training")
-    g.add_argument("--output-dir", default="dreamcache_training")
+    g.add_argument("--output-dir", default="dreamcache_training",
+                   help="where checkpoints, train_log.csv and the final dreamcache_adapter.safetensors are written")
+    g.add_argument("--install-as", metavar="NAME.safetensors",
+                   help="also copy the final adapter into ComfyUI's models/dreamcache as NAME.safetensors (checked "
+                        "before training: refused if that file exists, unless --overwrite-installed)")
+    g.add_argument("--overwrite-installed", action="store_true", help="let --install-as replace an existing file")
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=4, help="samples per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-5,
                    help="learning rate (authors, AdamW: 1e-5; Adafactor's is relative, see --optimizer)")
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"],
-                   help="adamw (the authors'; 8 bytes of state per adapter parameter) or adafactor (torch.optim."
-                        "Adafactor: factored second moment, no momentum, next to no state; its step is lr x the "
-                        "tensor's RMS, torch's default lr 1e-2)")
     g.add_argument("--weight-decay", type=float, default=1e-2)
+    g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
+                   help="adamw (the authors'; 8 bytes of state per adapter parameter) or adafactor (next to no "
+                        "state; a relative step, so its lr is not AdamW's: see training_loop.make_optimizer)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
-    g.add_argument("--caption-dropout", type=float, default=0.05)
+    g.add_argument("--caption-dropout", type=float,
+                   help="share of captions replaced by the empty one (default 0.05; 0.07 with --augment authors, "
+                        "the authors' empty-caption rate)")
     g.add_argument("--reference-dropout", type=float, default=0.05)
     g.add_argument("--timestep-range", type=int, nargs=2, default=(0, 999), metavar=("LOW", "HIGH"))
     g.add_argument("--seed", type=int, default=0, help="seeds the adapter's initialisation and every draw")
@@ -88,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--resume", help="checkpoint adapter (with its .state.pt) to continue exactly, or 'auto'")
-    g.add_argument("--init-adapter", help="start from this adapter's weights (fresh optimizer)")
+    g.add_argument("--init-adapter", help="start from this adapter's weights (fresh optimizer): a path, or a file "
+                                          "name in ComfyUI's models/dreamcache")
     g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard event files")
     g = p.add_argument_group("validation")
     g.add_argument("--validation-data", help="held-out data, any format --data reads; its first --validation-count "
@@ -134,22 +169,31 @@ def load_model(args):
     return model, None, None
 
 
-def make_source(args, clip, vae):
-    from .training_data import PrecomputedStore, read_manifest
+def make_source(args, clip, vae, log=print):
+    """(source, manifest or None); also settles ``args.augment`` and ``args.caption_dropout`` for the data."""
+    from .data_formats import detect_data_format, open_manifest
+    from .reference_augmentation import AuthorsAugmentation, augmentation_settings
+    from .training_data import PrecomputedStore
     from .training_sources import ComfyImageEncoder, ComfyTextEncoder, ManifestSource, StoreSource
 
-    from .sharded_manifest import ShardedManifest, is_sharded
-
     use_masks = not args.no_masks
-    if is_sharded(args.data):
-        manifest = ShardedManifest(args.data)
-    elif os.path.isdir(args.data):
+    data_format = detect_data_format(args.data) if args.data_format == "auto" else args.data_format
+    if data_format == "store":
         if not PrecomputedStore.is_store(args.data):
-            raise ValueError(f"--data {args.data} is a folder but not a precomputed store (no store.json); pass the "
-                             "manifest .jsonl or a folder written by --precompute.")
-        return StoreSource(PrecomputedStore(args.data), use_masks), None
-    else:
-        manifest = read_manifest(args.data)
+            raise ValueError(f"--data {args.data} is not a precomputed store (no store.json); pass the manifest "
+                             ".jsonl or a folder written by --precompute.")
+        source = StoreSource(PrecomputedStore(args.data), use_masks)
+        made_from = source.store.info.get("source")
+        augmented = isinstance(made_from, dict) and made_from.get("augment") == "authors"
+        if args.augment == "authors" and not augmented:
+            log("note: --augment authors does nothing for a store precomputed without augmentation; precompute "
+                "it again with --augment authors")
+        settle_caption_dropout(args, augmented)
+        return source, None
+    if args.augment is None:
+        args.augment = "authors" if data_format in AUGMENTED_BY_DEFAULT else "none"
+    settle_caption_dropout(args, args.augment == "authors")
+    manifest = open_manifest(args.data, data_format, args.min_quality, log)
     if args.toy_encoders:
         from ..toy.toy_world import ToyImageEncoder, ToyTextEncoder
 
@@ -159,8 +203,31 @@ def make_source(args, clip, vae):
             raise ValueError("Encoding a manifest needs the checkpoint's VAE and text encoder: pass --checkpoint, or "
                              "--data a precomputed folder (or --toy-encoders for toy data).")
         image_encoder, text_encoder = ComfyImageEncoder(vae), ComfyTextEncoder(clip)
+    augment = augmentation_settings(args.augment)
+    if augment is not None and args.caption_dropout != AuthorsAugmentation.empty_caption_p:
+        log(f"note: --augment authors with --caption-dropout {args.caption_dropout} (the authors used "
+            f"{AuthorsAugmentation.empty_caption_p})")
     return ManifestSource(manifest, image_encoder, text_encoder, args.resolution, args.reference_resolution,
-                          use_masks), manifest
+                          use_masks, augment, cut_out=data_format == "authors", log=log), manifest
+
+
+def settle_caption_dropout(args, augmented: bool) -> None:
+    from .reference_augmentation import AuthorsAugmentation
+
+    if args.caption_dropout is None:
+        args.caption_dropout = AuthorsAugmentation.empty_caption_p if augmented else 0.05
+
+
+def augment_variants(args, source) -> int:
+    if args.augment_variants is not None:
+        return args.augment_variants
+    return DEFAULT_AUGMENT_VARIANTS if getattr(source, "augment", None) is not None else 1
+
+
+def report_skips(source, log) -> None:
+    report = getattr(source, "skip_report", lambda: "")()
+    if report:
+        log(report)
 
 
 def make_validator(args, model, clip, vae, log):
@@ -206,22 +273,32 @@ def main(argv=None) -> int:
 
     distributed = setup_distributed(args.cpu)
     ensure_comfyui(args.comfyui, cpu=args.cpu)
+    from ..comfy_bridge.model_files import adapter_install_target, install_adapter, resolve_model_file
+
+    args.checkpoint = resolve_model_file(args.checkpoint, "checkpoint", args.comfyui)
+    args.init_adapter = resolve_model_file(args.init_adapter, "adapter", args.comfyui)
+    if args.install_as:  # refused now, not after hours of training
+        adapter_install_target(args.install_as, args.overwrite_installed, args.comfyui)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     log = print if distributed.is_main else (lambda message: None)
 
     model, clip, vae = load_model(args)
-    source, manifest = make_source(args, clip, vae)
+    source, manifest = make_source(args, clip, vae, log)
     if manifest is not None and manifest.skipped:
         log(manifest.report())
+    if args.augment_variants is not None and not args.precompute:
+        raise ValueError("--augment-variants sets how many augmented references --precompute stores per sample; "
+                         "without --precompute every draw is augmented afresh.")
     validator = make_validator(args, model, clip, vae, log) if distributed.is_main else None
     if args.precompute:
         from .training_data import PrecomputedStore
         from .training_sources import StoreSource, precompute
 
         precompute(source, args.precompute, model, args.precompute_caches, distributed.rank, distributed.world_size,
-                   not args.no_progress, log)
+                   not args.no_progress, log, augment_variants(args, source))
+        report_skips(source, log)
         if distributed.enabled:
             torch.distributed.barrier()
         if args.precompute_only:
@@ -263,7 +340,10 @@ def main(argv=None) -> int:
             log("no checkpoint to resume in the output folder; starting fresh")
     if resume:
         trainer.resume(resume)
-    trainer.train()
+    final = trainer.train()
+    report_skips(source, log)
+    if args.install_as and distributed.is_main and final:
+        log(f"installed {install_adapter(final, args.install_as, args.overwrite_installed, args.comfyui)}")
     if distributed.enabled:
         torch.distributed.destroy_process_group()
     return 0
@@ -272,6 +352,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

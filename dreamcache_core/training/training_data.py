@@ -38,8 +38,8 @@ and optionally the reference cache (``cache.features.<layer>``,
 Randomness
 ----------
 Everything random in a training step (the order of samples, timestep, noise,
-caption and reference dropout) comes from counter-based generators keyed by
-(seed, draw number), never from global RNG state, so a run resumed from a
+caption and reference dropout, the reference's online augmentation) comes from
+counter-based generators keyed by (seed, draw number), never from global RNG state, so a run resumed from a
 checkpoint draws exactly what the uninterrupted run would have drawn, and the
 draws do not depend on the number of processes.
 """
@@ -89,6 +89,14 @@ class ManifestRow:
         if self.id:
             data["id"] = self.id
         return data
+
+
+class UnusableRow(ValueError):
+    """A row found broken only when its files are read (a corrupt image, an empty caption, an empty mask)."""
+
+
+#: what reading a broken row raises (PIL raises OSError / SyntaxError subclasses for broken files)
+BROKEN_ROW_ERRORS = (OSError, SyntaxError, UnusableRow)
 
 
 @dataclass(frozen=True)
@@ -308,6 +316,10 @@ class SampleDraw:
     drop_caption: bool
     drop_reference: bool
     generator_seed: int
+    augment_seed: Optional[int] = None  # seeds the reference's online augmentation (None: the unaugmented reference)
+
+    def augment_generator(self) -> Optional[torch.Generator]:
+        return None if self.augment_seed is None else torch.Generator().manual_seed(self.augment_seed)
 
     def noise(self, shape) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.generator_seed)
@@ -322,7 +334,7 @@ def draw_sample(seed: int, draw: int, count: int, caption_dropout: float, refere
     timestep = int(torch.randint(int(low), int(high) + 1, (1,), generator=generator))
     noise_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
     return SampleDraw(draw, sample_index(seed, draw, count), timestep, u_caption < caption_dropout,
-                      u_reference < reference_dropout, noise_seed)
+                      u_reference < reference_dropout, noise_seed, mix_seed("reference augmentation", seed, draw))
 
 
 # --------------------------------------------------------------------------
@@ -406,38 +418,59 @@ class PrecomputedStore:
                 return flat
         return nested
 
-    def write_sample(self, index: int, sample: PreparedSample) -> None:
+    @property
+    def reference_variants(self) -> int:
+        """How many augmented references each sample holds (1 for stores written without ``--augment-variants``)."""
+        return max(1, int(self.info.get("reference_variants", 1)))
+
+    def write_sample(self, index: int, sample: PreparedSample, variants: tuple = ()) -> None:
+        """Write ``sample``; ``variants`` are further PreparedSamples whose reference (latent, mask, cache) are
+        stored as reference variants 1, 2, ... (``variant.<k>.`` keys) beside the sample's own (variant 0)."""
         from safetensors.torch import save_file
 
-        tensors = {"target_latent": sample.target_latent, "reference_latent": sample.reference_latent,
-                   "text_cond": sample.text_cond}
+        tensors = {"target_latent": sample.target_latent, "text_cond": sample.text_cond}
         if sample.text_pooled is not None:
             tensors["text_pooled"] = sample.text_pooled
-        if sample.reference_mask is not None:
-            tensors["reference_mask"] = sample.reference_mask
         metadata = {"caption": sample.caption}
-        if sample.cache is not None:
-            tensors.update(_cache_tensors(sample.cache))
-            metadata["cache_metadata"] = json.dumps(sample.cache.metadata, sort_keys=True)
+        for number, variant in enumerate((sample,) + tuple(variants)):
+            prefix = f"variant.{number}." if number else ""
+            tensors[prefix + "reference_latent"] = variant.reference_latent
+            if variant.reference_mask is not None:
+                tensors[prefix + "reference_mask"] = variant.reference_mask
+            if variant.cache is not None:
+                tensors.update(_cache_tensors(variant.cache, prefix + "cache."))
+                metadata[prefix + "cache_metadata"] = json.dumps(variant.cache.metadata, sort_keys=True)
+        if variants:
+            metadata["reference_variants"] = str(1 + len(variants))
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         path = self.sample_path(index)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_file(tensors, path + ".tmp", metadata=metadata)
         os.replace(path + ".tmp", path)
 
-    def read_sample(self, index: int) -> PreparedSample:
+    def read_sample(self, index: int, variant: int = 0) -> PreparedSample:
+        """Sample ``index`` with its reference variant ``variant`` (only that variant's tensors are read)."""
         from safetensors import safe_open
 
         path = self.sample_path(index)
         if not os.path.isfile(path):
             raise ValueError(f"Sample {index} is missing from the precomputed store {self.root} ({path}); "
                              "precompute it again.")
+        prefix = f"variant.{variant}." if variant else ""
         with safe_open(path, framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-        cache = _cache_from_tensors(tensors, json.loads(metadata.get("cache_metadata", "{}")))
-        return PreparedSample(tensors["target_latent"], tensors["reference_latent"], tensors["text_cond"],
-                              tensors.get("text_pooled"), tensors.get("reference_mask"), cache,
+            held = int(metadata.get("reference_variants", 1))
+            if not 0 <= variant < held:
+                raise ValueError(f"Sample {index} of {self.root} holds {held} reference variant(s), not variant "
+                                 f"{variant}; precompute it again.")
+            shared = {k: handle.get_tensor(k) for k in handle.keys() if not k.startswith("variant.")
+                      and k in ("target_latent", "text_cond", "text_pooled")}
+            own = {k[len(prefix):]: handle.get_tensor(k) for k in handle.keys()
+                   if k.startswith(prefix) and (variant or not k.startswith("variant."))
+                   and k[len(prefix):] not in ("target_latent", "text_cond", "text_pooled")}
+        cache = _cache_from_tensors(own, json.loads(metadata.get(prefix + "cache_metadata", "{}")))
+        return PreparedSample(shared["target_latent"], own["reference_latent"], shared["text_cond"],
+                              shared.get("text_pooled"), own.get("reference_mask"), cache,
                               metadata.get("caption", ""))
 
     def write_special(self, special: SpecialInputs) -> None:

@@ -210,7 +210,7 @@ class AdapterTrainer:
 
     def loss_row(self, draw: SampleDraw, reference: str = "matched", shuffled_index: Optional[int] = None) -> LossRow:
         """The loss row of ``draw``; ``reference`` = matched | shuffled (cache of ``shuffled_index``) | none."""
-        sample = self.source.prepared(draw.index)
+        sample = self.source.prepared(draw.index, draw)
         special = self.special
         cond, pooled = sample.text_cond, sample.text_pooled
         if draw.drop_caption:

@@ -30,9 +30,9 @@ from typing import Optional
 
 import torch
 
+from ..comfy_bridge import attach_injection
 from ..method.cache import combine_caches
 from ..method.injection import build_injection
-from ..method.patch import attach_injection
 
 
 # --------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from typing import Callable, Optional
 import torch
 
 from ..io.image_files import load_image, load_mask
-from .training_data import (Manifest, PrecomputedStore, PreparedSample, SpecialInputs, encode_seed, prepare_reference,
-                            resize_center_crop)
+from .reference_augmentation import augment_reference, canonical_reference
+from .training_data import (BROKEN_ROW_ERRORS, Manifest, PrecomputedStore, PreparedSample, SampleDraw, SpecialInputs,
+                            encode_seed, generator_for, prepare_reference, resize_center_crop)
 
 NULL_REFERENCE_SEED = 2 ** 31 - 1  # Encode seed of the null (white) reference
 
@@ -62,10 +63,23 @@ class ComfyTextEncoder:
 
 
 class ManifestSource:
-    """Samples of a validated manifest, loaded and encoded when asked for."""
+    """Samples of a validated manifest (or a sharded one, or an authors'-layout folder), loaded and encoded when
+    asked for.
+
+    The reference is prepared one of three ways: as it is (padded to a square; the default for manifests);
+    ``cut_out``: the subject on white, cropped to its mask and centred (``canonical_reference``), for sources
+    whose references are whole photos with a mask; or, with ``augment`` (``reference_augmentation``), augmented
+    from the generator of the draw that asks for it (``prepared(index, draw)``) or of a precomputed variant
+    (``prepared(index, variant=k)``), and cut out as above when neither is given.
+
+    A row whose files turn out broken when read (a corrupt image, an empty caption or mask; rows are
+    validated lazily for large sets) is skipped: the next usable row takes its place (always the same one,
+    so resumed runs still match), and the reason is logged once and kept in ``skipped``.
+    """
 
     def __init__(self, manifest: Manifest, image_encoder: Callable, text_encoder: Callable, resolution: int,
-                 reference_resolution: Optional[int] = None, use_masks: bool = True):
+                 reference_resolution: Optional[int] = None, use_masks: bool = True, augment=None,
+                 cut_out: bool = False, log: Callable = print):
         if not manifest.rows:
             raise ValueError(f"The manifest {manifest.path} has no usable rows.\n{manifest.report()}")
         self.manifest = manifest
@@ -74,6 +88,10 @@ class ManifestSource:
         self.resolution = int(resolution)
         self.reference_resolution = int(reference_resolution or resolution)
         self.use_masks = use_masks
+        self.augment = augment
+        self.cut_out = bool(cut_out or augment is not None)
+        self.log = log
+        self.skipped: dict = {}  # row index -> reason, for rows found broken when read
         self._special = None
         self.has_caches = False
 
@@ -81,17 +99,89 @@ class ManifestSource:
         return len(self.manifest.rows)
 
     def describe(self) -> dict:
-        return {"source": "manifest", "manifest": self.manifest.path, "resolution": self.resolution,
+        data = {"source": "manifest", "manifest": self.manifest.path, "resolution": self.resolution,
                 "reference_resolution": self.reference_resolution, "use_masks": self.use_masks}
+        if self.augment is not None:
+            data.update(self.augment.describe())
+        elif self.cut_out:
+            data["reference"] = "cut out on white"
+        return data
 
-    def prepared(self, index: int) -> PreparedSample:
+    def skip_report(self) -> str:
+        """One line per row skipped while reading (empty when none was)."""
+        if not self.skipped:
+            return ""
+        lines = [f"{len(self.skipped)} row(s) skipped when read (the next usable row took their place):"]
+        lines += [f"  skipped {reason}" for _, reason in sorted(self.skipped.items())[:50]]
+        if len(self.skipped) > 50:
+            lines.append(f"  ... and {len(self.skipped) - 50} more")
+        return "\n".join(lines)
+
+    def _row_problem(self, index: int, error: BaseException) -> str:
+        try:
+            name = self.manifest.rows[index].id
+        except BROKEN_ROW_ERRORS:
+            name = ""
+        return f"row {index}{f' ({name})' if name else ''}: {error}"
+
+    def usable(self, index: int, attempt: Callable):
+        """``attempt(i)`` for the first row i = index, index + 1, ... that reads; broken rows are recorded."""
+        count = len(self)
+        for offset in range(count):
+            current = (index + offset) % count
+            if current in self.skipped:
+                continue
+            try:
+                return current, attempt(current)
+            except BROKEN_ROW_ERRORS as error:
+                self.skipped[current] = self._row_problem(current, error)
+                self.log(f"skipped {self.skipped[current]}")
+        raise ValueError(f"No row of {self.manifest.path} can be read.\n{self.skip_report()}")
+
+    def reference_image(self, row, generator: Optional[torch.Generator]):
+        """(reference [S, S, 3], mask [S, S] or None) of ``row``, augmented from ``generator`` when given."""
+        image = load_image(row.reference, transparency="white")
+        mask = load_mask(row.reference_mask) if row.reference_mask else None
+        if self.augment is not None and generator is not None:
+            reference, mask, _ = augment_reference(image, mask, self.reference_resolution, generator, self.augment)
+        elif self.cut_out:
+            reference, mask = canonical_reference(image, mask, self.reference_resolution)
+        else:
+            reference, mask = prepare_reference(image, mask, self.reference_resolution)
+        return reference, (mask if (self.use_masks and row.reference_mask) else None)
+
+    def _prepare(self, index: int, generator: Optional[torch.Generator]) -> PreparedSample:
         row = self.manifest.rows[index]
         target = resize_center_crop(load_image(row.target, transparency="white"), self.resolution)
-        mask = load_mask(row.reference_mask) if (row.reference_mask and self.use_masks) else None
-        reference, mask = prepare_reference(load_image(row.reference, transparency="white"), mask, self.reference_resolution)
+        reference, mask = self.reference_image(row, generator)
         cond, pooled = self.text_encoder(row.caption)
         return PreparedSample(self.image_encoder(target), self.image_encoder(reference), cond, pooled, mask,
                               None, row.caption)
+
+    def prepared(self, index: int, draw: Optional[SampleDraw] = None, variant: Optional[int] = None) -> PreparedSample:
+        """Sample ``index``; with augmentation its reference is drawn from ``draw``'s generator, or from
+        precomputed ``variant``'s (keyed on the row and the variant number), else cut out without randomness."""
+        _, sample = self.usable(index, lambda i: self._prepare(i, self.reference_generator(i, draw, variant)))
+        return sample
+
+    def reference_generator(self, index: int, draw: Optional[SampleDraw], variant: Optional[int]):
+        """A fresh generator for row ``index``'s augmentation (None: no augmentation or no randomness asked for)."""
+        if self.augment is None:
+            return None
+        if draw is not None:
+            return draw.augment_generator()
+        return None if variant is None else generator_for("reference variant", index, variant)
+
+    def prepared_variants(self, index: int, count: int) -> list:
+        """``count`` samples of row ``index`` with reference variants 0..count-1 (one target and caption)."""
+        row_index, first = self.usable(index, lambda i: self._prepare(i, self.reference_generator(i, None, 0)))
+        samples = [first]
+        row = self.manifest.rows[row_index]
+        for number in range(1, count):
+            reference, mask = self.reference_image(row, self.reference_generator(row_index, None, number))
+            samples.append(PreparedSample(first.target_latent, self.image_encoder(reference), first.text_cond,
+                                          first.text_pooled, mask, None, first.caption))
+        return samples
 
     def special(self) -> SpecialInputs:
         if self._special is None:
@@ -102,7 +192,8 @@ class ManifestSource:
 
 
 class StoreSource:
-    """Samples of a precomputed store."""
+    """Samples of a precomputed store; a store with K reference variants per sample gives each draw the variant
+    its augmentation generator picks (uniformly), so resumed runs pick the same."""
 
     def __init__(self, store: PrecomputedStore, use_masks: bool = True):
         if len(store) == 0:
@@ -122,8 +213,14 @@ class StoreSource:
         return {"source": "store", "store": self.store.root, "use_masks": self.use_masks,
                 **{k: v for k, v in self.store.info.items() if k not in ("format", "version")}}
 
-    def prepared(self, index: int) -> PreparedSample:
-        sample = self.store.read_sample(index)
+    def variant_of(self, draw: Optional[SampleDraw]) -> int:
+        variants = self.store.reference_variants
+        if draw is None or variants == 1 or draw.augment_seed is None:
+            return 0
+        return int(torch.randint(variants, (1,), generator=draw.augment_generator()))
+
+    def prepared(self, index: int, draw: Optional[SampleDraw] = None, variant: Optional[int] = None) -> PreparedSample:
+        sample = self.store.read_sample(index, self.variant_of(draw) if variant is None else variant)
         if not self.use_masks:
             sample.reference_mask = None
         return sample
@@ -160,14 +257,21 @@ def null_reference_cache(model_patcher, special: SpecialInputs):
 
 
 def precompute(source, store_dir: str, model_patcher=None, caches: bool = False, rank: int = 0, world: int = 1,
-               progress: bool = True, log=print) -> PrecomputedStore:
+               progress: bool = True, log=print, variants: int = 1) -> PrecomputedStore:
     """Write ``source`` (usually a ManifestSource) as a precomputed store; with ``caches`` also each
-    reference's cache (needs ``model_patcher``; the same Encode pass training would run). With several
-    processes each writes every ``world``-th sample; rank 0 writes the store description."""
+    reference's cache (needs ``model_patcher``; the same Encode pass training would run). With ``variants``
+    K > 1 (an augmenting source) each sample holds K augmented references, the trainer draws one per draw.
+    With several processes each writes every ``world``-th sample; rank 0 writes the store description."""
     from ..method.layers import model_signature
 
     if caches and model_patcher is None:
         raise ValueError("Precomputing reference caches needs the base model.")
+    variants = int(variants)
+    if variants < 1:
+        raise ValueError(f"--augment-variants must be at least 1 (got {variants}).")
+    if variants > 1 and getattr(source, "augment", None) is None:
+        raise ValueError("--augment-variants above 1 needs augmented references (--augment authors): without "
+                         "augmentation every variant would be the same.")
     store = PrecomputedStore(store_dir)
     special = source.special()
     if caches:
@@ -180,21 +284,24 @@ def precompute(source, store_dir: str, model_patcher=None, caches: bool = False,
             bar = tqdm(total=len(indices), desc="precompute", unit="sample")
         except ImportError:
             bar = None
+    augmenting = getattr(source, "augment", None) is not None
     for index in indices:
-        sample = source.prepared(index)
+        samples = source.prepared_variants(index, variants) if augmenting else [source.prepared(index)]
         if caches:
-            sample.cache = reference_cache(model_patcher, sample, index, special, source.use_masks)
-        store.write_sample(index, sample)
+            for sample in samples:
+                sample.cache = reference_cache(model_patcher, sample, index, special, source.use_masks)
+        store.write_sample(index, samples[0], tuple(samples[1:]))
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if rank == 0:
         store.write_special(special)
-        extra = {"source": source.describe()}
+        extra = {"source": source.describe(), "reference_variants": variants}
         if model_patcher is not None:
             extra["signature"] = model_signature(model_patcher.model.diffusion_model)
         store.write_info(len(source), caches, extra)
         log(f"precomputed {len(source)} samples into {os.path.abspath(store_dir)}"
+            + (f" with {variants} augmented references each" if variants > 1 else "")
             + (" with reference caches" if caches else ""))
     return store
