@@ -180,7 +180,7 @@ def test_training_without_tensorboard_says_so_once_and_still_trains(toy, tmp_pat
 # Validation: the grid and the held-out reference gap
 # --------------------------------------------------------------------------
 
-def test_validation_writes_grid_and_gap_and_leaves_training_unchanged(toy, tmp_path):
+def test_validation_writes_grid_and_gap_and_leaves_training_unchanged(toy, tmp_path, capsys):
     from comfyui_dreamcache.dreamcache_core.evaluation.generate import Sampler
     from comfyui_dreamcache.dreamcache_core.io.adapter_io import load_adapter
     from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
@@ -194,6 +194,7 @@ def test_validation_writes_grid_and_gap_and_leaves_training_unchanged(toy, tmp_p
                   "--validation-steps", "3", "--validation-cfg", "4.0"]
     out, plain_out = tmp_path / "run", tmp_path / "without_validation"
     assert main(run + validation + ["--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
     assert main(run + ["--output-dir", str(plain_out)]) == 0
     # validating (sampling, the gap's draws) does not change what training draws
     assert [r["loss"] for r in read_csv(out / "train_log.csv")] == [r["loss"] for r in read_csv(plain_out / "train_log.csv")]
@@ -237,6 +238,10 @@ def test_validation_writes_grid_and_gap_and_leaves_training_unchanged(toy, tmp_p
     assert record["gap"] == pytest.approx(record["shuffled"] - record["matched"])
     assert record["gap"] == pytest.approx((record["gap_low"] + record["gap_mid"] + record["gap_high"]) / 3)
     assert gaps[0]["matched"] != gaps[1]["matched"]  # the adapter moved between the two validations
+    for row in gaps:  # and each validation printed its gap
+        assert (f"step {row['step']}: held-out reference gap {float(row['gap']):.5f} "
+                f"(shuffled {float(row['shuffled']):.5f} - matched {float(row['matched']):.5f}") in printed
+        assert f"step {row['step']}: validation grid {out / 'validation'}" in printed
 
     scalars, images = read_events(out / "tensorboard")
     assert [s for s, _ in scalars["reference_gap/gap"]] == [2, 4]
@@ -277,7 +282,7 @@ def test_validation_refuses_what_it_cannot_do(toy, tmp_path):
     assert main(toy["common"] + ["--data", str(toy["held_out"]), "--precompute", str(store), "--precompute-only"]) == 0
     with pytest.raises(ValueError, match="VAE"):
         main([a if a != str(toy["train"]) else str(store) for a in no_decoder]
-             + ["--validation-every", "1", "--validation-data", str(store)])
+             + ["--validation-every", "1", "--validation-data", str(store), "--validation-count", "2"])
 
 
 # --------------------------------------------------------------------------

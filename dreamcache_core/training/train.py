@@ -244,8 +244,10 @@ def make_validator(args, model, clip, vae, log):
         raise ValueError("--validation-steps must be at least 1.")
     from .validation import ValidationSettings, Validator
 
-    held_out, held_out_manifest = make_source(argparse.Namespace(**{**vars(args), "data": args.validation_data}),
-                                              clip, vae)
+    # the held-out data's own format decides how its references are prepared (never augmented: fixed references)
+    held_out_args = argparse.Namespace(**{**vars(args), "data": args.validation_data, "data_format": "auto",
+                                          "augment": None})
+    held_out, held_out_manifest = make_source(held_out_args, clip, vae, lambda message: None)
     if held_out_manifest is not None and held_out_manifest.skipped:
         log(held_out_manifest.report())
     prompts = None
