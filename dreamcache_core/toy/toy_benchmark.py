@@ -45,7 +45,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-BANDS = (("low", 0, 332), ("mid", 333, 665), ("high", 666, 999))
+from ..training.reference_gap import TIMESTEP_BANDS as BANDS
+
 BASE_RECIPE_VERSION = 2
 TARGET_NAMES = {"eps": "mean squared epsilon error (the base's own target: an epsilon-prediction base)",
                 "v": "mean squared v error (the base's own target: a v-prediction base, "
@@ -214,29 +215,10 @@ def shuffled_partner(labels):
 
 
 def evaluate(model, adapter, samples, caches, partner, per_band=2, batch=48):
-    from ..training.training_data import generator_for
-    from ..training.training_loss import LossRow, denoising_losses, sigma_of_timestep
+    """Matched / shuffled / no-adapter losses per band on the same (sample, t, noise): the shared measure."""
+    from ..training.reference_gap import reference_gap
 
-    results = {}
-    for name, low, high in BANDS:
-        generator = generator_for("eval", name)
-        rows = {"matched": [], "shuffled": [], "none": []}
-        for i, sample in enumerate(samples):
-            for _ in range(per_band):
-                t = int(torch.randint(low, high + 1, (1,), generator=generator))
-                noise = torch.randn(sample.target_latent.shape, generator=generator)
-                sigma = float(sigma_of_timestep(model, [t])[0])
-                for mode, cache in (("matched", caches[i]), ("shuffled", caches[partner[i]]), ("none", None)):
-                    rows[mode].append(LossRow(sample.target_latent, noise, sigma, sample.text_cond, None, cache))
-        for mode, mode_rows in rows.items():
-            losses = []
-            with torch.no_grad():
-                for k in range(0, len(mode_rows), batch):
-                    losses.append(denoising_losses(model, adapter if mode != "none" else None, mode_rows[k:k + batch]))
-            results[(mode, name)] = float(torch.cat(losses).mean())
-    for mode in ("matched", "shuffled", "none"):
-        results[(mode, "all")] = sum(results[(mode, b[0])] for b in BANDS) / len(BANDS)
-    return results
+    return reference_gap(model, adapter, samples, caches, partner, per_band, batch)
 
 
 def table(per_seed):

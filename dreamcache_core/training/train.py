@@ -21,6 +21,13 @@ denoising loss (epsilon or v, taken from the loaded model). Only the adapter
 trains; captions are replaced by the empty prompt with --caption-dropout and
 references by a white one with --reference-dropout.
 
+The run writes train_log.csv and TensorBoard event files (tensorboard/:
+loss overall and per timestep band, grad norm, lr, samples/s, peak memory);
+with --validation-data and --validation-every N it writes, every N steps, a
+grid of samples with and without the adapter (validation/step-N.png, also in
+TensorBoard) and the held-out matched-vs-shuffled reference gap
+(reference_gap.csv; see training.validation).
+
 --data is a JSONL manifest (see training_data; build one with
 ``python -m dreamcache_core.training.dataset``), or a sharded one (``python -m
 dreamcache_core.training.synthesize``'s folder, read shard by shard), the authors'
@@ -93,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=4, help="samples per process per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (authors: 1e-5)")
+    g.add_argument("--lr", type=float, default=1e-5,
+                   help="learning rate (authors, AdamW: 1e-5; Adafactor's is relative, see --optimizer)")
     g.add_argument("--weight-decay", type=float, default=1e-2)
     g.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS),
                    help="adamw (the authors'; 8 bytes of state per adapter parameter) or adafactor (next to no "
@@ -116,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", help="checkpoint adapter (with its .state.pt) to continue exactly, or 'auto'")
     g.add_argument("--init-adapter", help="start from this adapter's weights (fresh optimizer): a path, or a file "
                                           "name in ComfyUI's models/dreamcache")
+    g.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard event files")
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation-data", help="held-out data, any format --data reads; its first --validation-count "
+                                             "samples are the fixed validation set")
+    g.add_argument("--validation-every", type=int, default=0,
+                   help="every N steps: a validation grid PNG and the held-out reference gap (0 = off)")
+    g.add_argument("--validation-count", type=int, default=4, help="held-out samples (at least 2 for the gap)")
+    g.add_argument("--validation-prompts", help="text file, one prompt per line, each sampled for every held-out "
+                                                "reference (default: each sample's own caption)")
+    g.add_argument("--validation-steps", type=int, default=20, help="sampling steps of the grid (euler)")
+    g.add_argument("--validation-cfg", type=float, default=7.5, help="guidance scale of the grid (joint guidance)")
     return p
 
 
@@ -211,6 +230,45 @@ def report_skips(source, log) -> None:
         log(report)
 
 
+def make_validator(args, model, clip, vae, log):
+    """The ``validation.Validator`` of --validation-data (None when --validation-every is 0)."""
+    if args.validation_every < 0:
+        raise ValueError("--validation-every must be 0 (off) or a number of steps.")
+    if not args.validation_every:
+        if args.validation_data:
+            log("note: --validation-data is unused without --validation-every N")
+        return None
+    if not args.validation_data:
+        raise ValueError("--validation-every needs --validation-data (held-out samples in any --data format).")
+    if args.validation_steps < 1:
+        raise ValueError("--validation-steps must be at least 1.")
+    from .validation import ValidationSettings, Validator
+
+    # the held-out data's own format decides how its references are prepared (never augmented: fixed references)
+    held_out_args = argparse.Namespace(**{**vars(args), "data": args.validation_data, "data_format": "auto",
+                                          "augment": None})
+    held_out, held_out_manifest = make_source(held_out_args, clip, vae, lambda message: None)
+    if held_out_manifest is not None and held_out_manifest.skipped:
+        log(held_out_manifest.report())
+    prompts = None
+    if args.validation_prompts:
+        from ..evaluation.generate import read_prompts_file
+
+        prompts = read_prompts_file(args.validation_prompts)
+    if args.toy_encoders:
+        from ..toy.toy_world import ToyImageEncoder, ToyTextEncoder
+
+        decode, text_encoder = ToyImageEncoder().decode, ToyTextEncoder()
+    else:
+        from .training_sources import ComfyImageDecoder, ComfyTextEncoder
+
+        decode = ComfyImageDecoder(vae) if vae is not None else None
+        text_encoder = ComfyTextEncoder(clip) if clip is not None else None
+    settings = ValidationSettings(every=args.validation_every, count=args.validation_count, prompts=prompts,
+                                  steps=args.validation_steps, cfg=args.validation_cfg)
+    return Validator(model, held_out, settings, decode, text_encoder, use_masks=not args.no_masks)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from ..comfy_bridge import ensure_comfyui
@@ -235,6 +293,7 @@ def main(argv=None) -> int:
     if args.augment_variants is not None and not args.precompute:
         raise ValueError("--augment-variants sets how many augmented references --precompute stores per sample; "
                          "without --precompute every draw is augmented afresh.")
+    validator = make_validator(args, model, clip, vae, log) if distributed.is_main else None
     if args.precompute:
         from .training_data import PrecomputedStore
         from .training_sources import StoreSource, precompute
@@ -268,8 +327,11 @@ def main(argv=None) -> int:
         caption_dropout=args.caption_dropout, reference_dropout=args.reference_dropout, seed=args.seed,
         timestep_range=tuple(args.timestep_range), mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_masks=not args.no_masks, save_every=args.save_every,
-        log_every=args.log_every, progress=not args.no_progress, optimizer=args.optimizer)
-    trainer = AdapterTrainer(model, adapter, source, config, distributed, log=log)
+        log_every=args.log_every, progress=not args.no_progress, optimizer=args.optimizer,
+        tensorboard=not args.no_tensorboard)
+    trainer = AdapterTrainer(model, adapter, source, config, distributed, log=log, validator=validator)
+    if validator is not None:
+        validator.autocast = trainer.autocast()
     log(f"training {adapter.parameter_count():,} adapter parameters on {len(source)} samples "
         f"({model.model.model_type.name} prediction, device {trainer.device}, "
         f"autocast {trainer.autocast_dtype or 'off'}, {distributed.world_size} process(es))")

@@ -12,6 +12,15 @@ Checkpoints (every ``save_every`` steps and at the end) are the pack's adapter
 ``.safetensors`` (loadable by Load DreamCache Adapter) plus a side file
 ``<name>.state.pt`` (optimizer and grad-scaler state, step, RNG states, the
 config) read back with ``torch.load(weights_only=True)``.
+
+What a run reports (rank 0 only): ``train_log.csv`` (a row per log interval:
+the step's loss, the mean loss per timestep band over the interval, lr, grad
+norm, samples/s, peak memory), TensorBoard event files in ``tensorboard/``
+(the same as scalars, the loss and grad norm of every step, and the validation
+grid), and, with a ``Validator``, a validation grid PNG and the held-out
+reference gap (``reference_gap.csv``) every ``validator.settings.every``
+steps. Losses and grad norms stay on the device until a log line is written:
+one device sync per log line.
 """
 from __future__ import annotations
 
@@ -30,13 +39,17 @@ import torch
 
 from ..io.adapter_io import load_adapter, save_adapter
 from .training_data import SampleDraw, draw_sample
+from .reference_gap import GAP_FIELDS, TIMESTEP_BANDS, band_index
 from .training_loss import LossRow, denoising_losses, gradient_checkpointing, sigma_of_timestep
 from .training_sources import null_reference_cache, reference_cache
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_NAME = "dreamcache_adapter.safetensors"
 LOG_NAME = "train_log.csv"
-LOG_FIELDS = ["step", "samples", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"]
+LOG_FIELDS = ["step", "samples", "loss", "lr", "grad_norm", "samples_per_s", "elapsed_s"] + [
+    f"loss_t_{band}" for band, _, _ in TIMESTEP_BANDS] + ["peak_memory_mb"]
+GAP_LOG_NAME = "reference_gap.csv"
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -62,6 +75,7 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 1
     progress: bool = True
+    tensorboard: bool = True              # event files in <output_dir>/tensorboard (needs the tensorboard package)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -94,7 +108,9 @@ class _AdapterStep(torch.nn.Module):
         object.__setattr__(self, "_trainer", trainer)  # not a submodule: DDP must not see the base model
 
     def forward(self, draws):
-        return self._trainer.draw_losses(draws).mean()
+        losses = self._trainer.draw_losses(draws)
+        self._trainer._row_losses.append((draws, losses.detach()))
+        return losses.mean()
 
 
 def resolve_precision(mode: str, device: torch.device) -> Optional[torch.dtype]:
@@ -142,7 +158,7 @@ class AdapterTrainer:
     """Trains ``adapter`` on ``source`` against the frozen ``model_patcher`` (a ComfyUI ModelPatcher)."""
 
     def __init__(self, model_patcher, adapter, source, config: TrainConfig, distributed: Optional[DistributedInfo] = None,
-                 attention=None, log: Callable[[str], None] = print):
+                 attention=None, log: Callable[[str], None] = print, validator=None):
         from ..method.adapter import check_adapter_fits
         from ..comfy_bridge import comfy_memory_attention
 
@@ -165,7 +181,10 @@ class AdapterTrainer:
         self.step = 0
         self.samples_seen = 0
         self._history: list = []  # (step, loss) as floats, see ``history``
-        self._unread_losses: list = []  # (step, 0-d loss tensor) not read from the device yet
+        self._unread_losses: list = []  # (step, statistics vector, see train_step) not read from the device yet
+        self._step_statistics: dict = {}  # step -> (grad norm, band loss sums, band row counts) as floats
+        self._row_losses: list = []  # (draws, per-row losses) of the current step's micro-batches
+        self.validator = validator
         self.step_module = _AdapterStep(self.adapter, self)
         self.ddp = None
         if self.dist.enabled:
@@ -237,6 +256,7 @@ class AdapterTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         module = self.ddp or self.step_module
         total = None
+        self._row_losses = []
         with gradient_checkpointing(self.unet, c.gradient_checkpointing):
             for micro in range(c.grad_accum):
                 draws = self.draws_for(self.step, micro)
@@ -259,25 +279,60 @@ class AdapterTrainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        # [mean loss, loss sum per timestep band, rows per band]: one all-reduce, read at the log interval
+        bands = len(TIMESTEP_BANDS)
+        band_sums = torch.zeros(bands, dtype=torch.float64, device=total.device)
+        band_counts = torch.zeros(bands, dtype=torch.float64)
+        for draws, losses in self._row_losses:
+            where = torch.tensor([band_index(d.timestep) for d in draws])
+            band_sums.index_add_(0, where.to(total.device), losses.double())
+            band_counts.index_add_(0, where, torch.ones(len(draws), dtype=torch.float64))
+        self._row_losses = []
+        statistics = torch.cat([total.reshape(1), band_sums, band_counts.to(total.device)])
         if self.dist.enabled:
             import torch.distributed as torch_dist
 
-            torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
-            total /= self.dist.world_size
+            torch_dist.all_reduce(statistics, op=torch_dist.ReduceOp.SUM)
+            statistics[0] /= self.dist.world_size
+        total = statistics[0]
         self.step += 1
         self.samples_seen += c.batch_size * c.grad_accum * self.dist.world_size
         self.last_grad_norm = grad_norm
-        self._unread_losses.append((self.step, total))
+        self._unread_losses.append((self.step, torch.cat([statistics, grad_norm.detach().reshape(1).to(
+            statistics.device, torch.float64)])))
         return total
 
     @property
     def history(self) -> list:
         """(step, loss) of every optimizer step of this process's run, as floats (read in one sync)."""
         if self._unread_losses:
-            values = torch.stack([loss for _, loss in self._unread_losses]).tolist()
-            self._history += [(step, value) for (step, _), value in zip(self._unread_losses, values)]
+            bands = len(TIMESTEP_BANDS)
+            rows = torch.stack([vector for _, vector in self._unread_losses]).tolist()
+            for (step, _), row in zip(self._unread_losses, rows):
+                self._history.append((step, row[0]))
+                self._step_statistics[step] = (row[-1], row[1:1 + bands], row[1 + bands:1 + 2 * bands])
             self._unread_losses = []
         return self._history
+
+    def peak_memory_bytes(self) -> tuple:
+        """(bytes, what): the device's peak allocated memory on CUDA (``torch.cuda.max_memory_allocated``), else
+        the process's peak resident set size (VmHWM, Linux; None elsewhere). No device sync."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device)), "peak_gpu_memory_gib"
+        from ..evaluation.benchmark import _proc_status_bytes
+
+        return _proc_status_bytes("VmHWM"), "peak_rss_gib"
+
+    def _band_losses(self, steps: list) -> dict:
+        """Mean loss per timestep band over the rows of ``steps`` ((step, loss) pairs); None for an empty band."""
+        sums = [0.0] * len(TIMESTEP_BANDS)
+        counts = [0.0] * len(TIMESTEP_BANDS)
+        for step, _ in steps:
+            _, band_sums, band_counts = self._step_statistics[step]
+            sums = [a + b for a, b in zip(sums, band_sums)]
+            counts = [a + b for a, b in zip(counts, band_counts)]
+        return {band: (total / count if count else None)
+                for (band, _, _), total, count in zip(TIMESTEP_BANDS, sums, counts)}
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_path(self, step: int) -> str:
@@ -347,6 +402,10 @@ class AdapterTrainer:
         target = c.steps if steps is None else steps
         os.makedirs(c.output_dir, exist_ok=True)
         log_writer = _CsvLog(os.path.join(c.output_dir, LOG_NAME), self.step) if self.dist.is_main else None
+        validate = self.validator is not None and self.validator.settings.every > 0 and self.dist.is_main
+        gap_writer = (_CsvLog(os.path.join(c.output_dir, GAP_LOG_NAME), self.step, GAP_FIELDS)
+                      if validate and self.validator.settings.gap else None)
+        board = TensorBoardLog.open(c.output_dir, self.step, self.log) if (c.tensorboard and self.dist.is_main) else None
         bar = None
         if c.progress and self.dist.is_main:
             try:
@@ -375,20 +434,47 @@ class AdapterTrainer:
                         running = loss if running is None else 0.9 * running + 0.1 * loss
                     elapsed = time.perf_counter() - start
                     rate = (self.samples_seen - samples_at_start) / max(elapsed, 1e-9)
+                    band_losses = self._band_losses(history[-len(new_losses):])
+                    memory, memory_kind = self.peak_memory_bytes()
                     if bar is not None:
                         bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{rate:.1f}")
                     if log_writer:
-                        log_writer.write({"step": self.step, "samples": self.samples_seen,
-                                          "loss": f"{new_losses[-1]:.6f}", "lr": f"{self.lr_at(self.step - 1):.3g}",
-                                          "grad_norm": f"{float(self.last_grad_norm):.4g}",
-                                          "samples_per_s": f"{rate:.2f}", "elapsed_s": f"{elapsed:.1f}"})
+                        row = {"step": self.step, "samples": self.samples_seen,
+                               "loss": f"{new_losses[-1]:.6f}", "lr": f"{self.lr_at(self.step - 1):.3g}",
+                               "grad_norm": f"{self._step_statistics[self.step][0]:.4g}",
+                               "samples_per_s": f"{rate:.2f}", "elapsed_s": f"{elapsed:.1f}",
+                               "peak_memory_mb": "" if memory is None else f"{memory / 2 ** 20:.0f}"}
+                        row.update({f"loss_t_{band}": "" if value is None else f"{value:.6f}"
+                                    for band, value in band_losses.items()})
+                        log_writer.write(row)
+                    if board:
+                        for step, loss in history[-len(new_losses):]:
+                            board.scalar("train/loss", loss, step)
+                            board.scalar("train/grad_norm", self._step_statistics[step][0], step)
+                            board.scalar("train/lr", self.lr_at(step - 1), step)
+                        for band, value in band_losses.items():
+                            if value is not None:
+                                board.scalar(f"train/loss_t_{band}", value, self.step)
+                        board.scalar("train/samples_per_s", rate, self.step)
+                        if memory is not None:
+                            board.scalar(f"train/{memory_kind}", memory / 2 ** 30, self.step)
+                        board.flush()
+                if validate and self.step % self.validator.settings.every == 0:
+                    record = self.validator.run(self.step, self.adapter, c.output_dir, self.log, board)
+                    if gap_writer:
+                        gap_writer.write({k: v if k == "step" else f"{v:.6f}" for k, v in record.items()})
+                    if board:
+                        for name in ("gap", "matched", "shuffled", "gap_fraction", "gap_low", "gap_mid", "gap_high"):
+                            board.scalar(f"reference_gap/{name}", record[name], self.step)
+                        board.flush()
                 if c.save_every and self.step % c.save_every == 0 and self.step < target:
                     self.save_checkpoint()
         finally:
             if bar is not None:
                 bar.close()
-            if log_writer:
-                log_writer.close()
+            for writer in (log_writer, gap_writer, board):
+                if writer:
+                    writer.close()
         self.save_checkpoint(self.checkpoint_path(self.step))
         final = os.path.join(c.output_dir, FINAL_NAME)
         if self.dist.is_main:
@@ -413,18 +499,20 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 
 class _CsvLog:
-    """train_log.csv; on resume the rows after the resumed step are dropped, so the log matches the run."""
+    """train_log.csv (or another per-step csv); on resume the rows after the resumed step are dropped, so the log
+    matches the run."""
 
-    def __init__(self, path: str, resume_step: int):
+    def __init__(self, path: str, resume_step: int, fields: Optional[list] = None):
+        fields = fields or LOG_FIELDS
         rows = []
         if os.path.isfile(path) and resume_step > 0:
             with open(path, newline="", encoding="utf-8") as handle:
                 rows = [r for r in csv.DictReader(handle) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
         self.handle = open(path, "w", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.handle, fieldnames=LOG_FIELDS)
+        self.writer = csv.DictWriter(self.handle, fieldnames=fields)
         self.writer.writeheader()
         for row in rows:
-            self.writer.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+            self.writer.writerow({k: row.get(k, "") for k in fields})
         self.handle.flush()
 
     def write(self, row: dict):
@@ -433,3 +521,38 @@ class _CsvLog:
 
     def close(self):
         self.handle.close()
+
+
+class TensorBoardLog:
+    """Scalars and images in ``<output_dir>/tensorboard`` through ``torch.utils.tensorboard.SummaryWriter``.
+
+    A resumed run drops the events after the resumed step (``purge_step``), as train_log.csv does.
+    """
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    @classmethod
+    def open(cls, output_dir: str, resume_step: int, log: Callable[[str], None]) -> Optional["TensorBoardLog"]:
+        """The log, or None (with one line saying why) when the tensorboard package is missing."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log("TensorBoard logging is off: the tensorboard package is not installed (pip install tensorboard); "
+                "train_log.csv is written either way.")
+            return None
+        folder = os.path.join(output_dir, TENSORBOARD_DIR)
+        return cls(SummaryWriter(folder, purge_step=resume_step if resume_step > 0 else None))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, float(value), int(step))
+
+    def image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        """``image`` [H, W, 3] in 0..1."""
+        self.writer.add_image(tag, image.clamp(0, 1), int(step), dataformats="HWC")
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

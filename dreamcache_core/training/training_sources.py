@@ -36,6 +36,17 @@ class ComfyImageEncoder:
         return self.vae.encode(image[None, ..., :3])[0].float().cpu()
 
 
+class ComfyImageDecoder:
+    """A ComfyUI VAE as a decoder (VAE Decode's own call): raw latent [C, h, w] -> [H, W, 3] in 0..1."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    @torch.no_grad()
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent[None])[0, ..., :3].float().cpu()
+
+
 class ComfyTextEncoder:
     """A ComfyUI CLIP as a text encoder (CLIP Text Encode's own call)."""
 
