@@ -69,18 +69,44 @@ def frontend_prompts(base_url: str, workflows: dict, chromium: str) -> dict:
     return prompts
 
 
-def missing_models_dialogs(base_url: str, workflows: dict, chromium: str) -> dict:
-    """{name: text of the "Missing Models" dialog the frontend shows when the workflow is opened, or ""}."""
+def close_open_dialogs(page, attempts: int = 5):
+    """Escape any modal the frontend opened on its own (newer frontends open the template browser on a first
+    visit, a moment after the app is ready), so clicks reach the page."""
+    overlay = page.locator('[data-testid="dialog-overlay"], .p-dialog-mask')
+    page.wait_for_timeout(1_000)
+    for _ in range(attempts):
+        if not overlay.first.is_visible():
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(1_000)
+
+
+def missing_models_listings(base_url: str, workflows: dict, chromium: str) -> dict:
+    """{name: text in which the frontend lists the models missing when the workflow is opened, or ""}.
+
+    Frontends up to 1.3x show a "Missing Models" dialog ("folder / file" lines); newer ones (1.5x) show a
+    toast whose "View details" opens the workflow's Issues panel, with a "Missing Models" section (a file name
+    line, then its folder line). Whichever of the two appears is read: the check follows what the served
+    frontend can do, not its version number."""
     shown = {}
     with frontend_page(base_url, chromium) as page:
         for name, workflow in workflows.items():
+            close_open_dialogs(page)
             load_workflow_in(page, name, workflow)
-            dialog = page.locator(".p-dialog", has_text="Missing Models")
+            dialog = page.locator(".p-dialog", has_text="Missing Models").first
+            details = page.get_by_text("View details").first
             try:
-                dialog.first.wait_for(state="visible", timeout=15_000)
-                shown[name] = dialog.first.inner_text()
-            except Exception:  # playwright's TimeoutError: no dialog
+                dialog.or_(details).wait_for(state="visible", timeout=15_000)
+            except Exception:  # playwright's TimeoutError: the frontend listed nothing
                 shown[name] = ""
-            page.keyboard.press("Escape")
-            dialog.first.wait_for(state="hidden", timeout=15_000)
+                continue
+            if dialog.is_visible():
+                shown[name] = dialog.inner_text()
+                page.keyboard.press("Escape")
+                dialog.wait_for(state="hidden", timeout=15_000)
+                continue
+            details.click()
+            page.get_by_text("Missing Models", exact=True).first.wait_for(state="visible", timeout=15_000)
+            text = page.evaluate("() => document.body.innerText")
+            shown[name] = text[text.index("Missing Models"):]
     return shown

@@ -79,20 +79,31 @@ def test_server_lists_the_example_workflows(server):
         assert served == json.loads((PACK_ROOT / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
 
 
+def lists_model_with_folder(listing: str, name: str, folder: str) -> bool:
+    """The listing names ``name`` with its ``folder``: "folder / name" (the dialog of frontends up to 1.3x) or a
+    "name" line followed by a "folder" line (the Issues panel of newer ones)."""
+    lines = [line.strip() for line in listing.splitlines() if line.strip()]
+    return f"{folder} / {name}" in listing or any(
+        line == name and following == folder for line, following in zip(lines, lines[1:]))
+
+
 def test_frontend_names_each_missing_model_file_and_its_folder(server):
     """Opened on a server without the files, each example workflow makes the frontend list every missing
     checkpoint and SAM file with the folder it goes in (from the loaders' models metadata)."""
-    from frontend_prompts import chromium_or_skip, missing_models_dialogs
+    from frontend_prompts import chromium_or_skip, missing_models_listings
 
     chromium = chromium_or_skip()
     paths = sorted((PACK_ROOT / "example_workflows").glob("*.json"))
     workflows = {path.stem: json.loads(path.read_text(encoding="utf-8")) for path in paths}
-    dialogs = missing_models_dialogs(server.base_url, workflows, chromium)
+    listings = missing_models_listings(server.base_url, workflows, chromium)
     for name, workflow in workflows.items():
-        expected = [f"{model['directory']} / {model['name']}"
+        expected = [(model["name"], model["directory"])
                     for node in workflow["nodes"] for model in node.get("properties", {}).get("models", [])]
         assert expected, f"{name}: no loader carries models metadata"
-        for line in expected:
-            assert line in dialogs[name], f"{name}: the missing-models dialog does not list {line}:\n{dialogs[name]}"
+        for file_name, folder in expected:
+            assert lists_model_with_folder(listings[name], file_name, folder), (
+                f"{name}: the frontend's missing-models listing does not name {file_name} in {folder}:\n"
+                f"{listings[name]}")
     # the SD2.1 example (the authors' adapter) asks for the SD2.1-base checkpoint, with its folder
-    assert "checkpoints / v2-1_512-ema-pruned.safetensors" in dialogs["dreamcache_sd21"], dialogs["dreamcache_sd21"]
+    assert lists_model_with_folder(listings["dreamcache_sd21"], "v2-1_512-ema-pruned.safetensors", "checkpoints"), (
+        listings["dreamcache_sd21"])
