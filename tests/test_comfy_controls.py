@@ -100,17 +100,27 @@ def plain_guider(model, positive, negative, cfg=1.0):
     return guider
 
 
+def watch_self_attention(model, spy):
+    """A clone that calls ``spy(x, extra_options)`` on every transformer block's hidden state right after the
+    self-attention's residual add, that is after every attn1 output patch (ComfyUI's "middle_patch" hook). The
+    pack nests its own output patch outside the others, so a spy registered as one more attn1 output patch
+    would see the attention output before the pack's."""
+    def hook(x, extra_options):
+        spy(x, extra_options)
+        return x
+    watched = model.clone()
+    watched.set_model_patch(hook, "middle_patch")
+    return watched
+
+
 def spy_block(model, block, block_index=0):
-    """A clone whose LAST attn1 output patch records the self-attention output of ``block`` per U-Net call."""
+    """A clone recording ``block``'s hidden state after its (patched) self-attention, per U-Net call."""
     records = []
 
-    def spy(a1, extra_options):
+    def spy(x, extra_options):
         if extra_options.get("block") == block and extra_options.get("block_index") == block_index:
-            records.append({"out": a1.detach().clone(), "order": list(extra_options["cond_or_uncond"])})
-        return a1
-    watched = model.clone()
-    watched.set_model_attn1_output_patch(spy)
-    return watched, records
+            records.append({"out": x.detach().clone(), "order": list(extra_options["cond_or_uncond"])})
+    return watch_self_attention(model, spy), records
 
 
 # ---------------------------------------------------------------- combined guidance
@@ -245,16 +255,14 @@ def test_layer_weights_reach_their_layer(sd15):
     middle, decoder = ("middle", 0), ("output", 4)
 
     def probe(candidate):
-        """(denoised prediction, {block: self-attention output after every patch}) of one model evaluation."""
+        """(denoised prediction, {block: hidden state after the patched self-attention}) of one evaluation."""
         records = {}
-        watched = candidate.clone()
 
-        def spy(a1, extra_options):
+        def spy(x, extra_options):
             block = extra_options.get("block")
             if block in (middle, decoder) and extra_options.get("block_index") == 0:
-                records[block] = a1.detach().clone()
-            return a1
-        watched.set_model_attn1_output_patch(spy)
+                records[block] = x.detach().clone()
+        watched = watch_self_attention(candidate, spy)
         x0 = prediction_at(plain_guider(watched, sd15["positive"], sd15["negative"], cfg=5.0), noise)
         return x0, records
 
