@@ -392,8 +392,8 @@ def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, sett
     one_step = sigmas[:2]
     step_flops = {label: counted_flops(lambda m=models[label]: sample_timed(
         m, positive, negative, latent, one_step, settings.cfg, settings.seed, device)) for label in ("A", "B")}
-    encode_flops = counted_flops(lambda: timed_encode(model, reference, empty, settings.seed, device, mask))
-    plain_flops = counted_flops(lambda: plain_single_pass(model, reference, empty, settings.seed, device))
+    encode_flops = counted_flops(lambda m=model: timed_encode(m, reference, empty, settings.seed, device, mask))
+    plain_flops = counted_flops(lambda m=model: plain_single_pass(m, reference, empty, settings.seed, device))
     step_ratios = paired_ratios(runs["A"], runs["B"])
     all_a = [t for run in runs["A"] for t in run]
     all_b = [t for run in runs["B"] for t in run]

@@ -349,7 +349,6 @@ def main(argv=None) -> int:
         f"(chance {1 / len(tw.SHAPES):.0%}); grid: {os.path.join(args.out, 'base_samples.png')}")
 
     log(f"[3/5] reference caches with the Encode code [{time.perf_counter() - started:.0f} s]")
-    from ..training.training_data import PrecomputedStore
     from ..training.training_sources import StoreSource, precompute
 
     train_cached = os.path.join(args.out, "train_store")
