@@ -3,9 +3,9 @@ from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.method.cache import parse_reference_weights
 from ..dreamcache_core.method.controls import DEFAULT_LAYER_PRESET, LAYER_PRESETS, layer_weight_entries
-from ..dreamcache_core.method.injection import build_injections as core_build_injections
 from ..dreamcache_core.method.input_checks import GROUP_WEIGHT_RANGE, PERCENT_RANGE, STRENGTH_RANGE
 from ..dreamcache_core.comfy_bridge import attach_injection
+from ..dreamcache_core.comfy_bridge import build_injections as core_build_injections
 from ..dreamcache_core.method.patch import NEGATIVE_CHUNK, POSITIVE_CHUNK
 from ..dreamcache_core.method.schedules import CONSTANT_SCHEDULE, STEP_SCHEDULES, parse_frame_weights
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache

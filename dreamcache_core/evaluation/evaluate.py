@@ -30,6 +30,7 @@ import torch
 
 from . import metrics
 from ..io.image_files import list_images, load_image, load_mask
+from ..masking.sam_segmenter import SamSegmenter
 from .generate import SETTINGS_FILE, SETTINGS_FORMAT
 
 FILE_PATTERN = re.compile(r"^(\d+)_(\d+)\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
@@ -216,8 +217,6 @@ def main(argv=None) -> dict:
     if not args.no_masked:
         segmenter = None
         if args.sam:
-            from .generate import SamSegmenter
-
             from ..comfy_bridge.model_files import resolve_model_file
 
             args.sam = resolve_model_file(args.sam, "sam")

@@ -1,10 +1,11 @@
 """The one builder of a DreamCache injection from what an artist sets.
 
 Apply DreamCache, the DreamCache Guider, headless generation, the benchmarks and the training loss all build
-their ``DreamCacheInjection`` here, so the checks (adapter and cache against the model), the sampling window
-(start/end percent -> sigmas), the per-layer strengths, the region mask and the reference mode mean the same
-everywhere. ``model`` is a ComfyUI ModelPatcher, used only through its duck-typed accessors
-(``get_model_object``); nothing here imports ComfyUI.
+their ``DreamCacheInjection`` here (through ``comfy_bridge.build_injection``, which adds ComfyUI's attention
+and memory manager), so the checks (adapter and cache against the model), the sampling window (start/end
+percent -> sigmas), the per-layer strengths, the region mask and the reference mode mean the same everywhere.
+``model`` is a ComfyUI ModelPatcher, used only through its duck-typed accessors (``get_model_object``);
+nothing here imports ComfyUI.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from .adapter import adapter_for_model
+from .adapter import adapter_for_model, multihead_attention
 from .cache import DreamCache, check_cache_fits, parse_reference_weights
 from .controls import DEFAULT_LAYER_PRESET, layer_strengths
 from .input_checks import GROUP_WEIGHT_RANGE, PERCENT_RANGE, STRENGTH_RANGE, check_number
@@ -37,7 +38,7 @@ def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, st
                     region_mask: Optional[torch.Tensor] = None, reference_mode: str = "shared",
                     reference_weights: Union[str, Sequence[float], None] = None, middle_weight: float = 1.0,
                     decoder_weight: float = 1.0, layer_weights: str = "", reuse_memory_kv: bool = True,
-                    attention=None, memory_managed: bool = False, layer_preset: str = DEFAULT_LAYER_PRESET,
+                    attention=multihead_attention, layer_preset: str = DEFAULT_LAYER_PRESET,
                     weight_schedule: str = CONSTANT_SCHEDULE,
                     frame_weights: Union[str, FrameWeights, None] = None,
                     cache_role: str = "cache") -> DreamCacheInjection:
@@ -48,9 +49,8 @@ def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, st
     per-layer weights. weight_schedule: the strength's shape between start_percent and end_percent
     (``schedules.STEP_SCHEDULES``; "linear" = constant). frame_weights: a factor per image of the batch
     ("1, 0.5" or keyframes "0=1, 16=0", see ``schedules``), or None.
-    attention: the memory attention; default ComfyUI's optimized attention (what the U-Net itself uses).
-    memory_managed: hand the adapter to ComfyUI's memory manager (loaded and offloaded with the model, its
-    size counted with the memory keys/values); nodes and generation set it, training keeps its adapter itself.
+    attention: the memory attention (``multihead_attention`` in plain torch; ``comfy_bridge.build_injection``
+    passes ComfyUI's optimized attention, what the U-Net itself uses).
     cache_role: the input ``cache`` came through, for messages ("cache", or "negative_cache").
     """
     for name, value, (low, high) in (("strength", strength, STRENGTH_RANGE),
@@ -74,47 +74,25 @@ def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, st
                                      model.get_model_object("model_sampling").percent_to_sigma)
     if isinstance(frame_weights, str):
         frame_weights = parse_frame_weights(frame_weights)
-    if attention is None:
-        from ..comfy_bridge import comfy_memory_attention as attention
     injection = DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, chunks,
                                     layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
                                     reuse_memory_kv=reuse_memory_kv, attention=attention, region_mask=region_mask,
                                     reference_mode=reference_mode, reference_weights=reference_weights,
                                     step_schedule=step_schedule, frame_weights=frame_weights)
-    if memory_managed:
-        hand_to_memory_manager(model, [injection])
     return injection
-
-
-def hand_to_memory_manager(model, injections: Sequence[DreamCacheInjection]) -> None:
-    """Give ComfyUI's memory manager ONE ModelPatcher of the adapter the ``injections`` share (a reference and
-    a negative reference), sized with the device memory all of them hold; the first injection carries it."""
-    from ..comfy_bridge import adapter_model_patcher
-
-    adapters = {id(injection.adapter) for injection in injections}
-    if len(adapters) != 1:
-        raise ValueError("Injections handed to the memory manager together must share one adapter.")
-    dtype = model.model_dtype() or torch.float32
-    extra = sum(injection.device_memory_bytes(dtype) for injection in injections)
-    patcher = adapter_model_patcher(injections[0].adapter, extra)  # the adapter's one patcher, sized for these
-    injections[0].managed_models = [patcher]
-    injections[0].managed_size = patcher.size
-    for injection in injections[1:]:
-        injection.managed_models = []
 
 
 def build_injections(model, adapter, cache: DreamCache, negative_cache: Optional[DreamCache] = None,
                      chunks: Iterable[int] = (POSITIVE_CHUNK,), negative_chunks: Iterable[int] = (),
                      **controls) -> list[DreamCacheInjection]:
-    """The reference's injection and, with ``negative_cache``, a negative reference's, handed to ComfyUI's
-    memory manager together (one adapter, their memories counted together).
+    """The reference's injection and, with ``negative_cache``, a negative reference's (sharing one adapter;
+    ``comfy_bridge.build_injections`` hands them to ComfyUI's memory manager together).
 
     The negative reference is injected into ``negative_chunks`` (the batch rows of the negative prompt, or the
     combined guider's unconditional branch) instead of no reference, with the same strength, window,
     schedules, layers and region as the reference; its references are shared (their union, with the
     negative cache's own weights). ``controls`` are ``build_injection``'s keyword arguments.
     """
-    controls = dict(controls, memory_managed=False)
     positive = build_injection(model, adapter, cache, chunks=chunks, **controls)
     injections = [positive]
     if negative_cache is not None:
@@ -126,5 +104,4 @@ def build_injections(model, adapter, cache: DreamCache, negative_cache: Optional
         negative_controls = dict(controls, reference_mode="shared", reference_weights=None)
         injections.append(build_injection(model, positive.adapter, negative_cache, chunks=negative_chunks,
                                           cache_role="negative_cache", **negative_controls))
-    hand_to_memory_manager(model, injections)
     return injections

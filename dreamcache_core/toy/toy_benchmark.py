@@ -380,7 +380,7 @@ def main(argv=None) -> int:
 
     # Samples with Apply DreamCache + KSampler on held-out subjects: does the colour follow the reference?
     from ..method.cache import combine_caches
-    from ..method.injection import build_injection
+    from ..comfy_bridge import build_injection
     from ..comfy_bridge import attach_injection
     from ..method.patch import POSITIVE_CHUNK
 

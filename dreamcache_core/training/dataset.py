@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.image_files import IMAGE_EXTENSIONS, check_image_file, load_image, load_mask, save_png
+from ..masking.sam_segmenter import SamSegmenter
 from .training_data import ManifestRow, generator_for, read_manifest, write_manifest
 
 
@@ -234,14 +235,6 @@ def write_report(report: BuildReport, out_dir: str, manifest_name: str = "manife
         handle.write("".join(f"{name}\t{reason}\n" for name, reason in report.skipped))
 
 
-def sam_segmenter(path: str, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
-    """A segmenter (image [H, W, 3] -> mask [H, W]) from a SAM checkpoint file."""
-    from ..masking.sam_segmenter import build_sam_from_state_dict, load_sam_checkpoint, segment_subject
-
-    model = build_sam_from_state_dict(load_sam_checkpoint(path)).to(device)
-    return lambda image: segment_subject(model, image)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreamcache_core.training.dataset", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -269,7 +262,7 @@ def main(argv=None) -> int:
             from ..comfy_bridge.model_files import resolve_model_file
 
             args.sam = resolve_model_file(args.sam, "sam")
-        segmenter = sam_segmenter(args.sam, args.sam_device) if args.sam else None
+        segmenter = SamSegmenter(args.sam, args.sam_device) if args.sam else None
         report = build_dataset(args.images, args.out, args.captions, segmenter, args.mask_suffix,
                                args.references_per_image, args.reference_size, args.margin, args.seed,
                                manifest_name=args.manifest_name)

@@ -50,6 +50,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..comfy_bridge.pipeline import Sampler, load_pipeline
+from ..io.file_hashes import file_sha256
 from .sharded_manifest import SHARD_MANIFEST, shard_name, write_index
 from ..masking.subject_filters import EMPTY_MASK, REASONS, Detection, FilterSettings, mask_fraction, rejection
 from .synthetic_captions import CaptionRow, CaptionsFileError, count_captions, read_captions, write_captions
@@ -227,8 +229,6 @@ def missing_shards(out_dir: str, total: int, shard_size: int) -> list:
 
 def check_settings(out_dir: str, settings: SynthesisSettings, captions_path: str, total: int) -> None:
     """Write synthesis.json, or refuse when the folder was started with other settings or captions."""
-    from ..evaluation.generate import file_sha256
-
     record = {"format": SETTINGS_FORMAT, "settings": json.loads(json.dumps(asdict(settings))),
               "captions": {"rows": total, "sha256": file_sha256(captions_path)}}
     path = os.path.join(out_dir, SETTINGS_FILE)
@@ -448,12 +448,11 @@ def batched_conditioning(conditionings: list):
 
 
 class PipelineRenderer:
-    """Renders captions with ``generate``'s Pipeline and Sampler (guidance off: the plain base model)."""
+    """Renders captions with generation's Pipeline and Sampler (``comfy_bridge.pipeline``; guidance off: the plain
+    base model)."""
 
     def __init__(self, pipeline, width: int = 1024, height: int = 1024, steps: int = 25, cfg: float = 3.5,
                  sampler: str = "euler", scheduler: str = "normal", negative: str = ""):
-        from ..evaluation.generate import Sampler
-
         for name, value in (("width", width), ("height", height)):
             if value % 8 or value < 64:
                 raise ValueError(f"--{name} must be a multiple of 8, at least 64 (got {value}).")
@@ -553,7 +552,7 @@ def make_segmenter(args):
 
 
 def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Callable] = None) -> Summary:
-    """The main command; tests pass a ``pipeline`` (generate.Pipeline) and/or a ``segmenter`` instead of files."""
+    """The main command; tests pass a ``pipeline`` (comfy_bridge.pipeline.Pipeline) and/or a ``segmenter`` instead of files."""
     args = build_parser().parse_args(argv)
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if not os.path.isfile(args.captions):
@@ -565,7 +564,6 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
     checkpoint_info = None
     if pipeline is None:
         from ..comfy_bridge import ensure_comfyui
-        from ..evaluation.generate import load_pipeline
 
         if not args.checkpoint:
             raise ValueError("Give the base that renders the targets: --checkpoint FILE (SDXL, SD1.5, ...).")

@@ -46,8 +46,10 @@ import sys
 
 import torch
 
+from ..io.prompt_files import read_prompts_file
 from .data_formats import AUGMENTED_BY_DEFAULT, DATA_FORMATS
 from .reference_augmentation import AUGMENT_MODES
+from .toy_encoders import ToyImageEncoder, ToyTextEncoder
 from .training_loop import OPTIMIZERS, DistributedInfo, TrainConfig
 
 DEFAULT_AUGMENT_VARIANTS = 4
@@ -195,8 +197,6 @@ def make_source(args, clip, vae, log=print):
     settle_caption_dropout(args, args.augment == "authors")
     manifest = open_manifest(args.data, data_format, args.min_quality, log)
     if args.toy_encoders:
-        from ..toy.toy_world import ToyImageEncoder, ToyTextEncoder
-
         image_encoder, text_encoder = ToyImageEncoder(), ToyTextEncoder()
     else:
         if vae is None or clip is None:
@@ -252,12 +252,8 @@ def make_validator(args, model, clip, vae, log):
         log(held_out_manifest.report())
     prompts = None
     if args.validation_prompts:
-        from ..evaluation.generate import read_prompts_file
-
         prompts = read_prompts_file(args.validation_prompts)
     if args.toy_encoders:
-        from ..toy.toy_world import ToyImageEncoder, ToyTextEncoder
-
         decode, text_encoder = ToyImageEncoder().decode, ToyTextEncoder()
     else:
         from .training_sources import ComfyImageDecoder, ComfyTextEncoder

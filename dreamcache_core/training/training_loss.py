@@ -30,9 +30,8 @@ from typing import Optional
 
 import torch
 
-from ..comfy_bridge import attach_injection
+from ..comfy_bridge import attach_injection, build_injection
 from ..method.cache import combine_caches
-from ..method.injection import build_injection
 
 
 # --------------------------------------------------------------------------
@@ -112,8 +111,6 @@ def denoising_losses(model_patcher, adapter, rows: list, attention=None, autocas
     passes as their shapes allow (same latent size and text length); in a pass of several rows each row
     attends to its own reference only (``combine_caches`` + the injection's "per_image" reference mode).
     """
-    if attention is None:
-        from ..comfy_bridge import comfy_memory_attention as attention
     groups: dict = {}
     for position, row in enumerate(rows):
         groups.setdefault(_group_key(row), []).append(position)
