@@ -151,6 +151,29 @@ def test_no_module_imports_a_layer_above_its_own():
                            f"move what they need down, or pass it in from above: {offenders}")
 
 
+def function_level_pack_imports(path: Path, module: tuple = None) -> list:
+    """(line, imported module) of the pack's own modules imported inside a function body of ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    inside = {node.lineno for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(function) if isinstance(node, ast.ImportFrom)}
+    return [(line, imported) for line, imported in pack_imports(path, module) if line in inside]
+
+
+def test_the_pack_imports_its_own_modules_at_module_level():
+    """Inside functions the pack imports only ComfyUI and heavy optional packages (segment_anything,
+    transformers, tensorboard, pyarrow, ...), never its own modules: the imports at the top of a module say what
+    it builds on. (The converter command's ComfyUI name lookup is the known upward import, kept lazy.)"""
+    offenders = {}
+    for path in pack_modules():
+        found = function_level_pack_imports(path)
+        name = str(path.relative_to(PACK_ROOT))
+        if name in KNOWN_UPWARD_IMPORTS:
+            found = [(line, m) for line, m in found if ".".join(m) != KNOWN_UPWARD_IMPORTS[name][0]]
+        if found:
+            offenders[name] = [(line, ".".join(module)) for line, module in found]
+    assert not offenders, f"move these imports of the pack's own modules to the top of their module: {offenders}"
+
+
 def test_every_layer_package_has_a_layer():
     """A new package under dreamcache_core must be placed in LAYERS (and in the README's layout)."""
     packages = {p.name for p in CORE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
@@ -173,3 +196,4 @@ def test_the_layer_scan_resolves_relative_imports_at_every_depth(tmp_path):
         (7, ("dreamcache_core", "io", "model_paths"))]
     ranks = [LAYER_OF[layer_of(imported)] - LAYER_OF["io"] for _, imported in pack_imports(sample, module)]
     assert [rank > 0 for rank in ranks] == [False, False, True, True, False]
+    assert [line for line, _ in function_level_pack_imports(sample, module)] == [5, 6, 7]

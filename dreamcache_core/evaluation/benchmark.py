@@ -49,7 +49,13 @@ import torch
 
 from ..comfy_bridge.models import random_model
 from ..io.memory_probes import PeakMemory
-from ..comfy_bridge.sampling import comfyui_environment, schedule_sigmas
+from ..comfy_bridge.sampling import (comfyui_environment, schedule_sigmas, sample_timed as bridge_sample_timed,
+                                     prepare_noise)
+from ..comfy_bridge import (build_injection, attach_injection, encode_sigma, single_model_pass, encode_reference,
+                            ensure_comfyui)
+from ..io.adapter_io import adapter_state_dict
+from ..method.adapter import build_adapter
+from ..method.layers import discover_memory_layers, model_signature
 
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -151,25 +157,17 @@ def conditioning(shape: Shape, seed: int):
 
 def personalise(model_patcher, adapter, cache, chunks=(0,)):
     """What Apply DreamCache does: a clone carrying the injection (ComfyUI's optimized memory attention)."""
-    from ..comfy_bridge import build_injection
-    from ..comfy_bridge import attach_injection
-
     injection = build_injection(model_patcher, adapter, cache, 1.0, chunks=chunks)
     return attach_injection(model_patcher.clone(), injection), injection
 
 
 def sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, device) -> list:
     """One sampling run through CFGGuider; returns the time of each model call (each step)."""
-    from ..comfy_bridge.sampling import sample_timed as bridge_sample_timed
-
     return bridge_sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, lambda: synchronize(device))
 
 
 def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
     """Wall time of one plain model call on ``latent`` through the Encode pass's own path (no capture)."""
-    from ..comfy_bridge import encode_sigma, single_model_pass
-    from ..comfy_bridge.sampling import prepare_noise
-
     noise = prepare_noise(latent, seed)
     sigma = torch.tensor([encode_sigma(model_patcher)])
     synchronize(device)
@@ -223,8 +221,6 @@ def adapter_step_flops(injection, rows: int) -> int:
 
 
 def timed_encode(model_patcher, latent, cond, seed, device, mask=None):
-    from ..comfy_bridge import encode_reference
-
     synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
@@ -261,10 +257,6 @@ def center_mask(side: int, fraction: float) -> torch.Tensor:
 def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, settings: BenchmarkSettings,
                     log: Callable[[str], None] = print) -> dict:
     """Run the whole benchmark for one shape; returns a JSON-ready dict."""
-    from ..method.adapter import build_adapter
-    from ..io.adapter_io import adapter_state_dict
-    from ..method.layers import discover_memory_layers, model_signature
-
     build_start = time.perf_counter()
     model = random_model(shape.family, shape.unet, settings.seed, dtype, device)
     unet = model.model.diffusion_model
@@ -507,7 +499,6 @@ def command_line(argv, module: str = "dreamcache_core.evaluation.benchmark") -> 
 def prepare_device(args) -> torch.device:
     """The device ``args.device`` names, with ComfyUI made importable for it and torch's CPU threads set."""
     device = resolve_device(args.device)
-    from ..comfy_bridge import ensure_comfyui
 
     ensure_comfyui(args.comfyui, cpu=device.type == "cpu")
     if args.threads:

@@ -54,6 +54,13 @@ from ..io.file_hashes import describe_file
 from ..io.image_files import list_images, load_image, load_mask, save_png
 from ..io.prompt_files import read_prompts_file
 from ..masking.sam_segmenter import SamSegmenter
+from ..comfy_bridge import encode_reference, ensure_comfyui
+from ..comfy_bridge.model_files import resolve_model_file
+from ..comfy_bridge.sampling import comfyui_environment
+from ..data import dreambench_prompts, dreambench_subject, dreambench_subjects
+from ..io.adapter_io import load_adapter
+from ..masking.reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
+from ..method.cache import load_cache, save_cache
 
 SETTINGS_FILE = "settings.json"
 SETTINGS_FORMAT = "dreamcache-generate"
@@ -84,8 +91,6 @@ def prepare_reference(image: torch.Tensor, size: int, mask: Optional[torch.Tenso
     Without any of them the reference is only resized to a square (unmasked), or refused when
     ``allow_unmasked`` is False.
     """
-    from ..masking.reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
-
     margin = DEFAULT_MARGIN if margin is None else margin
     if image.ndim == 3:
         image = image.unsqueeze(0)
@@ -114,8 +119,6 @@ def prepare_reference(image: torch.Tensor, size: int, mask: Optional[torch.Tenso
 
 def encode_cache(pipeline: Pipeline, reference: Reference, encode_conditioning, seed: int, token_mask: bool = True):
     """Encode DreamCache on the prepared reference (the mask, when there is one, drops background tokens)."""
-    from ..comfy_bridge import encode_reference
-
     latent = pipeline.encode_image(reference.image)
     mask = reference.mask if (token_mask and reference.mask is not None) else None
     return encode_reference(pipeline.model, latent, encode_conditioning, seed, mask)
@@ -141,8 +144,6 @@ class Job:
 
 
 def dreambench_jobs(settings: dict) -> list[Job]:
-    from ..data import dreambench_prompts, dreambench_subject, dreambench_subjects
-
     dataset = settings["dreambench"]
     if not os.path.isdir(dataset):
         raise ValueError(f"--dreambench {dataset} is not a folder. Point it at the 'dataset' folder of a copy of "
@@ -199,8 +200,6 @@ def resolve_seeds(settings: dict) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def environment_info() -> dict:
-    from ..comfy_bridge.sampling import comfyui_environment
-
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     found = comfyui_environment()
     info["comfyui"] = found["comfyui"]
@@ -226,9 +225,6 @@ def run(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], N
 
 
 def _generate_all(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], None], adapter) -> dict:
-    from ..io.adapter_io import load_adapter
-    from ..method.cache import load_cache, save_cache
-
     os.makedirs(out_dir, exist_ok=True)
     unet = pipeline.model.get_model_object("diffusion_model")
     if adapter is None and settings["guidance"] != "off":
@@ -424,11 +420,8 @@ def main(argv=None, pipeline: Optional[Pipeline] = None, log: Optional[Callable[
     settings["_argv"] = argv
     log = log or ((lambda message: None) if settings["quiet"] else
                   (lambda message: print(message, file=sys.stderr, flush=True)))
-    from ..comfy_bridge.model_files import resolve_model_file
 
     if pipeline is None:
-        from ..comfy_bridge import ensure_comfyui
-
         ensure_comfyui(settings["comfyui"], cpu=settings["cpu"])
         if not settings["checkpoint"]:
             raise ValueError("Give the base model: --checkpoint FILE (SD1.5, SD2.x or SDXL).")

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from ..training.toy_encoders import ToyImageEncoder, ToyTextEncoder  # noqa: F401 (the world's encoders)
 from ..training.training_data import generator_for
+from ..masking.reference_mask import cut_subject_on_white
+from ..training.dataset import AugmentSettings, augment_reference
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
 COLOURS = {
@@ -138,9 +140,6 @@ def render(subject: Subject, generator: torch.Generator, size: int = 32, min_sca
 
 def make_reference(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, size: int = 32):
     """The BootPIG reference: subject cut onto white, then augmented (the dataset builder's code)."""
-    from ..training.dataset import AugmentSettings, augment_reference
-    from ..masking.reference_mask import cut_subject_on_white
-
     cut_image, cut_mask = cut_subject_on_white(image, mask, size, margin=0.12)
     return augment_reference(cut_image, cut_mask, generator, AugmentSettings(scale_range=(0.8, 1.0),
                                                                               shift_fraction=0.06,

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from ..io.image_files import IMAGE_EXTENSIONS, check_image_file, load_image, load_mask, save_png
 from ..masking.sam_segmenter import SamSegmenter
 from .training_data import ManifestRow, generator_for, read_manifest, write_manifest
+from ..comfy_bridge.model_files import resolve_model_file
+from ..masking.reference_mask import EmptyMaskError, resize_mask, cut_subject_on_white
 
 
 # --------------------------------------------------------------------------
@@ -146,8 +148,6 @@ def build_dataset(images_dir: str, out_dir: str, captions_csv: Optional[str] = N
                   augment: AugmentSettings = AugmentSettings(), manifest_name: str = "manifest.jsonl",
                   log=print) -> BuildReport:
     """Build ``<out_dir>/<manifest_name>`` and the references; see the module docstring."""
-    from ..masking.reference_mask import EmptyMaskError, resize_mask
-
     captions = read_captions_csv(captions_csv) if captions_csv else {}
     report = BuildReport()
     reference_dir = os.path.join(out_dir, "references")
@@ -205,8 +205,6 @@ def add_references(report: BuildReport, target_path: str, image: torch.Tensor, m
     ("augment", seed, stem, k). Raises ``reference_mask.EmptyMaskError`` when the mask is empty; returns the
     number of rows added (a reference whose subject left the frame is listed as skipped instead).
     """
-    from ..masking.reference_mask import cut_subject_on_white
-
     name = os.path.basename(target_path)
     stem = os.path.splitext(name)[0]
     cut_image, cut_mask = cut_subject_on_white(image, mask, reference_size, margin)
@@ -259,7 +257,6 @@ def main(argv=None) -> int:
             print(manifest.report())
             return 0 if manifest.rows else 1
         if args.sam:  # a path, or a name in ComfyUI's models/sams
-            from ..comfy_bridge.model_files import resolve_model_file
 
             args.sam = resolve_model_file(args.sam, "sam")
         segmenter = SamSegmenter(args.sam, args.sam_device) if args.sam else None

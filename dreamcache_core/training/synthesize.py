@@ -54,7 +54,14 @@ from ..comfy_bridge.pipeline import Sampler, load_pipeline
 from ..io.file_hashes import file_sha256
 from .sharded_manifest import SHARD_MANIFEST, shard_name, write_index
 from ..masking.subject_filters import EMPTY_MASK, REASONS, Detection, FilterSettings, mask_fraction, rejection
-from .synthetic_captions import CaptionRow, CaptionsFileError, count_captions, read_captions, write_captions
+from .synthetic_captions import (CaptionRow, CaptionsFileError, count_captions, read_captions, write_captions,
+                                 distinct_object_count)
+from ..comfy_bridge import ensure_comfyui
+from ..comfy_bridge.model_files import resolve_model_file
+from ..io.image_files import check_image_file, save_png, load_image
+from ..masking.reference_mask import EmptyMaskError
+from ..masking.text_segmenter import AutomaticSam, GroundedSam
+from .dataset import BuildReport, write_report, add_references
 
 SETTINGS_FILE = "synthesis.json"
 SETTINGS_FORMAT = "dreamcache-synthesis"
@@ -146,8 +153,6 @@ def row_seed(settings: SynthesisSettings, number: int) -> int:
 # --------------------------------------------------------------------------
 
 def image_is_valid(path: str) -> bool:
-    from ..io.image_files import check_image_file
-
     return check_image_file(path, "image") is None
 
 
@@ -179,8 +184,6 @@ def outcome_is_intact(outcome: dict, shard_dir: str) -> bool:
 
 def finish_shard(shard_dir: str, outcomes: dict, numbers: range) -> dict:
     """Write the shard's manifest.jsonl, skipped.txt and shard.json from its outcomes (in row order)."""
-    from .dataset import BuildReport, write_report
-
     report = BuildReport()
     counts = Counter()
     for number in numbers:
@@ -260,8 +263,6 @@ def target_path(shard_dir: str, number: int) -> str:
 
 
 def save_target(image: torch.Tensor, path: str, row: CaptionRow, seed: int) -> None:
-    from ..io.image_files import save_png
-
     save_png(image, path, {"dreamcache": {"caption": row.caption, "noun": row.noun, "seed": seed,
                                           "row": row.number}})
 
@@ -269,9 +270,6 @@ def save_target(image: torch.Tensor, path: str, row: CaptionRow, seed: int) -> N
 def row_outcome(row: CaptionRow, image: torch.Tensor, detection: Detection, shard_dir: str,
                 settings: SynthesisSettings) -> dict:
     """Filter the detection and, when it is kept, write the augmented references; returns the progress record."""
-    from .dataset import BuildReport, add_references
-    from ..masking.reference_mask import EmptyMaskError
-
     record = {"number": row.number, "id": row_id(row.number), "seed": row_seed(settings, row.number),
               "noun": row.noun, "score": detection.score,
               "mask_fraction": None if detection.mask is None else round(mask_fraction(detection.mask), 6)}
@@ -361,7 +359,6 @@ def synthesize(captions_path: str, out_dir: str, render: Callable, segment: Call
         nonlocal new_rows
         if not pending:
             return
-        from ..io.image_files import load_image
 
         missing = [row for row in pending if not image_is_valid(target_path(state.dir, row.number))]
         if missing:
@@ -531,8 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_segmenter(args):
-    from ..masking.text_segmenter import AutomaticSam, GroundedSam
-
     if args.detector:
         if not args.segmenter:
             raise ValueError("--detector needs --segmenter, the transformers SAM folder that cuts the detected box out.")
@@ -542,8 +537,6 @@ def make_segmenter(args):
     if args.segmenter:
         raise ValueError("--segmenter is prompted by the detector's boxes: give --detector too, or --sam alone.")
     if args.sam:
-        from ..comfy_bridge.model_files import resolve_model_file
-
         args.sam = resolve_model_file(args.sam, "sam", args.comfyui)
         return AutomaticSam(args.sam, args.device), {"kind": "segment-anything automatic prompt",
                                                      "sam": os.path.abspath(args.sam)}
@@ -563,12 +556,9 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
         segmenter, segmenter_info = make_segmenter(args)
     checkpoint_info = None
     if pipeline is None:
-        from ..comfy_bridge import ensure_comfyui
-
         if not args.checkpoint:
             raise ValueError("Give the base that renders the targets: --checkpoint FILE (SDXL, SD1.5, ...).")
         ensure_comfyui(args.comfyui, cpu=args.cpu)
-        from ..comfy_bridge.model_files import resolve_model_file
 
         args.checkpoint = resolve_model_file(args.checkpoint, "checkpoint", args.comfyui)
         checkpoint_info = os.path.abspath(args.checkpoint)
@@ -586,8 +576,6 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
 
 
 def captions_command(argv: list) -> int:
-    from .synthetic_captions import distinct_object_count
-
     p = argparse.ArgumentParser(prog="python -m dreamcache_core.training.synthesize captions",
                                 description="Write a captions file of generated object-in-context captions.")
     p.add_argument("--count", type=int, required=True)

@@ -43,6 +43,8 @@ from .training_data import SampleDraw, draw_sample
 from .reference_gap import GAP_FIELDS, TIMESTEP_BANDS, band_index
 from .training_loss import LossRow, denoising_losses, gradient_checkpointing, sigma_of_timestep
 from .training_sources import null_reference_cache, reference_cache
+from ..comfy_bridge import comfy_memory_attention
+from ..method.adapter import check_adapter_fits
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_NAME = "dreamcache_adapter.safetensors"
@@ -160,9 +162,6 @@ class AdapterTrainer:
 
     def __init__(self, model_patcher, adapter, source, config: TrainConfig, distributed: Optional[DistributedInfo] = None,
                  attention=None, log: Callable[[str], None] = print, validator=None):
-        from ..method.adapter import check_adapter_fits
-        from ..comfy_bridge import comfy_memory_attention
-
         self.model = model_patcher
         self.unet = model_patcher.model.diffusion_model
         check_adapter_fits(adapter, self.unet)

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ..comfy_bridge import attach_injection, build_injection
+from ..comfy_bridge import attach_injection, build_injection, single_model_pass
 from ..method.cache import combine_caches
 
 
@@ -69,8 +69,6 @@ def predict_residual(model_patcher, latents: torch.Tensor, noise: torch.Tensor, 
     ``latents`` are raw VAE latents (LATENT["samples"]); ComfyUI's guider applies the model's latent
     format (``process_latent_in``) and its patches, just as KSampler does. Differentiable.
     """
-    from ..comfy_bridge import single_model_pass
-
     result = single_model_pass(model_patcher, latents, noise, conditioning, sigmas)
     return model_output_residual(result.model_sampling, result.sigma, result.latent, result.denoised)
 

@@ -32,6 +32,7 @@ from ..comfy_bridge.pipeline import Sampler
 from .reference_gap import gap_record, reference_gap, shifted_partners
 from .training_loss import conditioning_of
 from .training_sources import reference_cache
+from ..io.image_files import save_png
 
 GRID_PADDING = 2  # white pixels between tiles
 VALIDATION_DIR = "validation"
@@ -175,8 +176,6 @@ class Validator:
     # ------------------------------------------------------------------ both, written
     def run(self, step: int, adapter, output_dir: str, log: Callable[[str], None] = print, tensorboard=None) -> dict:
         """Write the grid PNG and return the gap record of ``step`` (the caller logs it); global RNG untouched."""
-        from ..io.image_files import save_png
-
         record = {}
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
