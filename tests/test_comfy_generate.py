@@ -223,11 +223,12 @@ def test_memory_kv_reuse_gives_identical_outputs_and_projects_once(setup, monkey
     monkeypatch.setattr(MemoryAdapterLayer, "project_memory", counting_project)
     monkeypatch.setattr(MemoryAdapterLayer, "forward", recording_forward)
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import attach_injection, build_injection
+    from comfyui_dreamcache.dreamcache_core.method.controls import Controls
 
     outputs = {}
     for reuse in (True, False):
         calls.update(project=0, rows=[])
-        injection = build_injection(model, setup["adapter"], cache, 1.0, 0.0, 1.0, (0,), reuse_memory_kv=reuse)
+        injection = build_injection(model, setup["adapter"], cache, Controls(), (0,), reuse_memory_kv=reuse)
         personalised = attach_injection(model.clone(), injection)
         outputs[reuse] = ksample(personalised, text_conditioning(1), text_conditioning(2), torch.zeros(1, 4, 16, 16),
                                  seed=3, steps=3)

@@ -15,33 +15,35 @@ import torch
 
 from ..method import injection as method_injection
 from ..method.cache import DreamCache
+from ..method.controls import Controls
 from ..method.patch import POSITIVE_CHUNK, DreamCacheInjection
 from .attention import comfy_memory_attention
 from .models import adapter_model_patcher
 
 
-def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, start_percent: float = 0.0,
-                    end_percent: float = 1.0, chunks: Optional[Iterable[int]] = (POSITIVE_CHUNK,), *,
-                    attention=None, memory_managed: bool = False, **controls) -> DreamCacheInjection:
-    """``method.injection.build_injection`` (its keyword ``controls``) with ComfyUI's attention by default;
-    ``memory_managed`` hands the adapter to ComfyUI's memory manager (nodes and generation set it)."""
+def build_injection(model, adapter, cache: DreamCache, controls: Controls = Controls(),
+                    chunks: Optional[Iterable[int]] = (POSITIVE_CHUNK,), *, attention=None,
+                    memory_managed: bool = False, **options) -> DreamCacheInjection:
+    """``method.injection.build_injection`` (``options``: its other keyword-only arguments) with ComfyUI's
+    attention by default; ``memory_managed`` hands the adapter to ComfyUI's memory manager (nodes and generation
+    set it)."""
     injection = method_injection.build_injection(
-        model, adapter, cache, strength, start_percent, end_percent, chunks,
-        attention=comfy_memory_attention if attention is None else attention, **controls)
+        model, adapter, cache, controls, chunks,
+        attention=comfy_memory_attention if attention is None else attention, **options)
     if memory_managed:
         hand_to_memory_manager(model, [injection])
     return injection
 
 
-def build_injections(model, adapter, cache: DreamCache, negative_cache: Optional[DreamCache] = None,
-                     chunks: Iterable[int] = (POSITIVE_CHUNK,), negative_chunks: Iterable[int] = (), *,
-                     attention=None, **controls) -> list[DreamCacheInjection]:
+def build_injections(model, adapter, cache: DreamCache, controls: Controls = Controls(),
+                     negative_cache: Optional[DreamCache] = None, chunks: Iterable[int] = (POSITIVE_CHUNK,),
+                     negative_chunks: Iterable[int] = (), *, attention=None, **options) -> list[DreamCacheInjection]:
     """``method.injection.build_injections`` (the reference's injection and a negative reference's) with
     ComfyUI's attention by default, handed to ComfyUI's memory manager together (one adapter, their memories
     counted together)."""
     injections = method_injection.build_injections(
-        model, adapter, cache, negative_cache, chunks, negative_chunks,
-        attention=comfy_memory_attention if attention is None else attention, **controls)
+        model, adapter, cache, controls, negative_cache, chunks, negative_chunks,
+        attention=comfy_memory_attention if attention is None else attention, **options)
     hand_to_memory_manager(model, injections)
     return injections
 

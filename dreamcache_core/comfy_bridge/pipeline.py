@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..method.controls import Controls
 from ..method.guidance import REFERENCE_CHUNKS
 from ..method.patch import POSITIVE_CHUNK
 from .combined_guider import combined_guider
@@ -47,6 +48,12 @@ def load_pipeline(checkpoint: str) -> Pipeline:
     return Pipeline(*load_checkpoint(checkpoint, need_encoders=True))
 
 
+def window_controls(settings: dict) -> Controls:
+    """The controls generation sets: the strength and its window (the rest as Apply DreamCache's defaults)."""
+    return Controls(strength=settings["strength"], start_percent=settings["start_percent"],
+                    end_percent=settings["end_percent"])
+
+
 class Sampler:
     """Samples latents for one (adapter, cache) pair with the chosen guidance; reused across prompts."""
 
@@ -58,12 +65,12 @@ class Sampler:
         if guidance == "off" or cache is None or settings["strength"] == 0:
             self.sampling_model = model
         elif guidance == "joint":
-            self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
-                                             settings["end_percent"], (POSITIVE_CHUNK,), memory_managed=True)
+            self.injection = build_injection(model, adapter, cache, window_controls(settings), (POSITIVE_CHUNK,),
+                                             memory_managed=True)
             self.sampling_model = attach_injection(model.clone(), self.injection)
         elif guidance == "combined":
-            self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
-                                             settings["end_percent"], REFERENCE_CHUNKS, memory_managed=True)
+            self.injection = build_injection(model, adapter, cache, window_controls(settings), REFERENCE_CHUNKS,
+                                             memory_managed=True)
             self.sampling_model = model
         else:
             raise ValueError(f"--guidance must be one of {GUIDANCE_MODES}, got {guidance!r}.")

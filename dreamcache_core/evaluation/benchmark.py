@@ -49,6 +49,7 @@ import torch
 
 from ..comfy_bridge.models import random_model
 from ..io.memory_probes import PeakMemory
+from ..method.controls import Controls
 from ..comfy_bridge.sampling import (comfyui_environment, schedule_sigmas, sample_timed as bridge_sample_timed,
                                      prepare_noise)
 from ..comfy_bridge import (build_injection, attach_injection, encode_sigma, single_model_pass, encode_reference,
@@ -157,7 +158,7 @@ def conditioning(shape: Shape, seed: int):
 
 def personalise(model_patcher, adapter, cache, chunks=(0,)):
     """What Apply DreamCache does: a clone carrying the injection (ComfyUI's optimized memory attention)."""
-    injection = build_injection(model_patcher, adapter, cache, 1.0, chunks=chunks)
+    injection = build_injection(model_patcher, adapter, cache, Controls(strength=1.0), chunks)
     return attach_injection(model_patcher.clone(), injection), injection
 
 

@@ -53,6 +53,7 @@ from ..comfy_bridge.sampling import ksampler_sample, prepare_noise
 from ..io.adapter_io import load_adapter
 from ..io.image_files import save_png
 from ..method.cache import combine_caches
+from ..method.controls import Controls
 from ..method.patch import POSITIVE_CHUNK
 from ..training.train import main as train_main
 from ..training.training_data import PrecomputedStore, PreparedSample, SpecialInputs, generator_for
@@ -370,7 +371,8 @@ def main(argv=None) -> int:
     positive = [[torch.stack([s.text_cond for s in eval_samples[:count]]), {}]]
     negative = [[special.empty_cond[None].expand(count, -1, -1), {}]]
     # what Apply DreamCache builds ("positive only", "one reference per image")
-    injection = build_injection(model, first_adapter, cache, 1.0, chunks=(POSITIVE_CHUNK,), reference_mode="per_image")
+    injection = build_injection(model, first_adapter, cache, Controls(strength=1.0, reference_mode="per_image"),
+                                (POSITIVE_CHUNK,))
     personalised = attach_injection(model.clone(), injection)
     with_reference = ksample(personalised, positive, negative, count, seed=2)
     without = ksample(model, positive, negative, count, seed=2)

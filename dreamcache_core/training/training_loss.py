@@ -32,6 +32,7 @@ import torch
 
 from ..comfy_bridge import attach_injection, build_injection, single_model_pass
 from ..method.cache import combine_caches
+from ..method.controls import Controls
 
 
 # --------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def denoising_losses(model_patcher, adapter, rows: list, attention=None, autocas
                 injection = build_injection(model_patcher, adapter, members[0].cache, chunks=None, attention=attention)
             else:  # row i attends to reference i only (padded memories, key-masked)
                 injection = build_injection(model_patcher, adapter, combine_caches([r.cache for r in members]),
-                                            chunks=None, reference_mode="per_image", attention=attention)
+                                            Controls(reference_mode="per_image"), chunks=None, attention=attention)
             model = attach_injection(model_patcher.clone(), injection)
         with (autocast() if autocast is not None else contextlib.nullcontext()):
             residual = predict_residual(model, latents, noise, sigmas, conditioning_of(cond, pooled))
