@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sys
 import time
@@ -112,8 +113,6 @@ def timed(device: torch.device, run) -> float:
 def peak_memory(device: torch.device, run) -> tuple:
     """(peak bytes, bytes before, seconds) of one ``run()``: CUDA max_memory_allocated, or the process's peak
     RSS on the CPU (``benchmark.PeakMemory``)."""
-    import gc
-
     gc.collect()
     with PeakMemory(device) as probe:
         seconds = timed(device, run)

@@ -16,6 +16,7 @@ A fresh adapter is an exact identity: W_cat = [I | 0], b_cat = 0.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional
 
@@ -236,8 +237,6 @@ def check_adapter_fits(adapter: DreamCacheAdapter, model) -> None:
 def adapter_for_model(adapter: DreamCacheAdapter, model) -> DreamCacheAdapter:
     """Check ``adapter`` against ``model`` and return it ready to inject (an authors' checkpoint gets a
     folded copy; the loaded object is left as it is)."""
-    import copy
-
     check_adapter_fits(adapter, model)
     if adapter.norm_folded:
         return adapter

@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -218,8 +219,6 @@ def evaluate(model, adapter, samples, caches, partner, per_band=2, batch=48):
 
 
 def table(per_seed):
-    import statistics
-
     lines = ["| noise band | matched reference | shuffled reference | no adapter | shuffled - matched (gap) | "
              "gap / shuffled | seed spread (max-min) of matched / shuffled |",
              "|---|---|---|---|---|---|---|"]

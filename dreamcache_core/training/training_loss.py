@@ -25,6 +25,7 @@ ordinary epsilon / v denoising loss of the base model, with no re-weighting.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -152,8 +153,6 @@ def gradient_checkpointing(unet, enabled: bool = True):
     if not enabled:
         yield
         return
-    import functools
-
     from torch.utils.checkpoint import checkpoint
 
     wrapped = []
