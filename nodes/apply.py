@@ -2,10 +2,9 @@
 from comfy_api.v0_0_2 import io
 
 from ..dreamcache_core.method.cache import parse_reference_weights
-from ..dreamcache_core.method.controls import DEFAULT_LAYER_PRESET, LAYER_PRESETS, layer_weight_entries
-from ..dreamcache_core.method.injection import build_injections as core_build_injections
+from ..dreamcache_core.method.controls import DEFAULT_LAYER_PRESET, LAYER_PRESETS, Controls, layer_weight_entries
 from ..dreamcache_core.method.input_checks import GROUP_WEIGHT_RANGE, PERCENT_RANGE, STRENGTH_RANGE
-from ..dreamcache_core.comfy_bridge import attach_injection
+from ..dreamcache_core.comfy_bridge import attach_injection, build_injections
 from ..dreamcache_core.method.patch import NEGATIVE_CHUNK, POSITIVE_CHUNK
 from ..dreamcache_core.method.schedules import CONSTANT_SCHEDULE, STEP_SCHEDULES, parse_frame_weights
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache
@@ -86,21 +85,18 @@ def optional_control_inputs(with_schedule=True, negative_tooltip=NEGATIVE_CACHE_
     return inputs
 
 
-def build_injections(model, adapter, cache, strength=1.0, start_percent=0.0, end_percent=1.0,
-                     chunks=(POSITIVE_CHUNK,), attn_mask=None, reference_mode="all references shared",
-                     reference_weights="", middle_weight=1.0, decoder_weight=1.0, layer_weights="",
-                     negative_cache=None, negative_chunks=(NEGATIVE_CHUNK,), layer_preset=DEFAULT_LAYER_PRESET,
-                     weight_schedule=CONSTANT_SCHEDULE, frame_weights=""):
-    """The node inputs (menus as they name things) -> the core builder's injections (the reference's, then the
-    negative reference's when ``negative_cache`` is given), handed to ComfyUI's memory manager."""
+def node_controls(strength=1.0, start_percent=0.0, end_percent=1.0, attn_mask=None,
+                  reference_mode="all references shared", reference_weights="", middle_weight=1.0,
+                  decoder_weight=1.0, layer_weights="", layer_preset=DEFAULT_LAYER_PRESET,
+                  weight_schedule=CONSTANT_SCHEDULE, frame_weights="") -> Controls:
+    """Apply DreamCache's and the Guider's control inputs, named and valued as the nodes show them (the region
+    input is attn_mask, the reference modes are menu labels), as the core's ``Controls``."""
     if reference_mode not in REFERENCE_MODES:
         raise ValueError(f"reference_mode must be one of {list(REFERENCE_MODES)}, got {reference_mode!r}.")
-    return core_build_injections(model, adapter, cache, negative_cache, chunks, negative_chunks, strength=strength,
-                                 start_percent=start_percent, end_percent=end_percent, region_mask=attn_mask,
-                                 reference_mode=REFERENCE_MODES[reference_mode], reference_weights=reference_weights,
-                                 middle_weight=middle_weight, decoder_weight=decoder_weight,
-                                 layer_weights=layer_weights, layer_preset=layer_preset,
-                                 weight_schedule=weight_schedule, frame_weights=frame_weights)
+    return Controls(strength=strength, start_percent=start_percent, end_percent=end_percent, region_mask=attn_mask,
+                    reference_mode=REFERENCE_MODES[reference_mode], reference_weights=reference_weights,
+                    middle_weight=middle_weight, decoder_weight=decoder_weight, layer_weights=layer_weights,
+                    layer_preset=layer_preset, weight_schedule=weight_schedule, frame_weights=frame_weights)
 
 
 def control_text_problems(reference_weights=None, layer_weights=None, frame_weights=None, layer_preset=None,
@@ -176,10 +172,13 @@ class DreamCacheApply(io.ComfyNode):
             raise ValueError(f"apply_to must be one of {list(APPLY_TO_CHUNKS)}, got {apply_to!r}.")
         # with a negative reference the negative prompt's rows take it, whatever apply_to says
         chunks = (POSITIVE_CHUNK,) if negative_cache is not None else APPLY_TO_CHUNKS[apply_to]
-        injections = build_injections(model, adapter, cache, strength, start_percent, end_percent, chunks, attn_mask,
-                                      reference_mode, reference_weights, middle_weight, decoder_weight,
-                                      layer_weights, negative_cache, (NEGATIVE_CHUNK,), layer_preset,
-                                      weight_schedule, frame_weights)
+        controls = node_controls(strength=strength, start_percent=start_percent, end_percent=end_percent,
+                                 attn_mask=attn_mask, reference_mode=reference_mode,
+                                 reference_weights=reference_weights, middle_weight=middle_weight,
+                                 decoder_weight=decoder_weight, layer_weights=layer_weights,
+                                 layer_preset=layer_preset, weight_schedule=weight_schedule,
+                                 frame_weights=frame_weights)
+        injections = build_injections(model, adapter, cache, controls, negative_cache, chunks, (NEGATIVE_CHUNK,))
         patched = model.clone()
         for injection in injections:
             attach_injection(patched, injection)

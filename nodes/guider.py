@@ -1,11 +1,11 @@
 """DreamCache Guider: DreamCache's combined (image + text) guidance as a GUIDER for SamplerCustomAdvanced."""
 from comfy_api.v0_0_2 import io
 
-from ..dreamcache_core.comfy_bridge import combined_guider
+from ..dreamcache_core.comfy_bridge import build_injections, combined_guider
 from ..dreamcache_core.method.controls import DEFAULT_LAYER_PRESET
 from ..dreamcache_core.method.guidance import REFERENCE_CHUNKS, UNCONDITIONAL
 from ..dreamcache_core.method.input_checks import GUIDANCE_SCALE_RANGE
-from .apply import ADAPTER_TOOLTIP, build_injections, control_text_problems, optional_control_inputs
+from .apply import ADAPTER_TOOLTIP, control_text_problems, node_controls, optional_control_inputs
 from .io_types import CATEGORY_SAMPLING, Adapter, Cache
 from .widget_checks import check_number_inputs, validation_result, widget_problems
 
@@ -60,10 +60,11 @@ class DreamCacheGuider(io.ComfyNode):
                 reference_mode="all references shared", reference_weights="", negative_cache=None,
                 layer_preset=DEFAULT_LAYER_PRESET, frame_weights=""):
         check_number_inputs(cls, {"text_cfg": text_cfg, "image_cfg": image_cfg})
-        injections = build_injections(model, adapter, cache, 1.0, 0.0, 1.0, REFERENCE_CHUNKS, attn_mask,
-                                      reference_mode, reference_weights, negative_cache=negative_cache,
-                                      negative_chunks=(UNCONDITIONAL,), layer_preset=layer_preset,
-                                      frame_weights=frame_weights)
+        controls = node_controls(attn_mask=attn_mask, reference_mode=reference_mode,
+                                 reference_weights=reference_weights, layer_preset=layer_preset,
+                                 frame_weights=frame_weights)
+        injections = build_injections(model, adapter, cache, controls, negative_cache, REFERENCE_CHUNKS,
+                                      (UNCONDITIONAL,))
         negative_injection = injections[1] if len(injections) > 1 else None
         return io.NodeOutput(combined_guider(model, injections[0], positive, negative, text_cfg, image_cfg,
                                              negative_injection))

@@ -24,7 +24,15 @@ def env():
     return {"model": setup["model"], "reference": reference, "cache": cache, "adapter": setup["trained"],
             "Apply": apply.DreamCacheApply, "Encode": encode.DreamCacheEncode, "Guider": guider.DreamCacheGuider,
             "Combine": combine.DreamCacheCombine, "Save": cache_files.DreamCacheSave,
-            "MaskReference": mask_reference.DreamCacheMaskReference, "build_injections": apply.build_injections}
+            "MaskReference": mask_reference.DreamCacheMaskReference, "build_injections": node_injections}
+
+
+def node_injections(model, adapter, cache, chunks=(0,), **inputs):
+    """What Apply DreamCache builds from its control inputs (``inputs``: named and valued as on the node)."""
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge import build_injections
+    from comfyui_dreamcache.nodes.apply import node_controls
+
+    return build_injections(model, adapter, cache, node_controls(**inputs), chunks=chunks)
 
 
 def encode(env, model):

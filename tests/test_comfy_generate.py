@@ -57,6 +57,8 @@ def read_png(path):
 
 
 def test_settings_file_holds_every_setting_and_replays_identically(setup, tmp_path):
+    from comfyui_dreamcache.dreamcache_core.io.file_hashes import file_sha256
+
     generate = setup["generate"]
     folder = setup["folder"]
     out = tmp_path / "first"
@@ -75,7 +77,7 @@ def test_settings_file_holds_every_setting_and_replays_identically(setup, tmp_pa
     assert (s["width"], s["height"], s["reference_size"], s["negative"], s["encode_prompt"]) == (SIDE, SIDE, SIDE,
                                                                                                  "blurry", "")
     assert saved["seeds"] == [5, 6]
-    assert saved["files"]["adapter"]["sha256"] == generate.file_sha256(setup["adapter_path"])
+    assert saved["files"]["adapter"]["sha256"] == file_sha256(setup["adapter_path"])
     assert saved["command"] == "python -m dreamcache_core.evaluation.generate " + shlex.join(argv)
     ref = saved["references"][0]
     assert ref["mask_source"] == "mask file" and ref["reference_image"]["bytes"] > 0
@@ -103,6 +105,7 @@ def test_settings_file_holds_every_setting_and_replays_identically(setup, tmp_pa
 
 
 def test_generation_from_a_saved_cache_is_the_stock_ksampler_path(setup, tmp_path):
+    from comfyui_dreamcache.dreamcache_core.io.file_hashes import file_sha256
     from comfyui_dreamcache.dreamcache_core.method.cache import save_cache
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import encode_reference
     from comfyui_dreamcache.nodes.apply import DreamCacheApply
@@ -116,7 +119,7 @@ def test_generation_from_a_saved_cache_is_the_stock_ksampler_path(setup, tmp_pat
     out = tmp_path / "from_cache"
     record = generate.main(base_argv(setup, out, "--cache", cache_path, "--prompt", "a toy", "--seed", "11"),
                            pipeline=pipeline)
-    assert record["references"][0]["cache"]["sha256"] == generate.file_sha256(cache_path)
+    assert record["references"][0]["cache"]["sha256"] == file_sha256(cache_path)
     generated = read_png(out / record["images"][0]["file"])
 
     # the same image from the nodes: Apply DreamCache + the stock KSampler (common_ksampler), same seed
@@ -203,7 +206,7 @@ def test_memory_kv_reuse_gives_identical_outputs_and_projects_once(setup, monkey
     from comfyui_dreamcache.dreamcache_core.method.adapter import MemoryAdapterLayer
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import encode_reference
 
-    generate, model = setup["generate"], setup["model"]
+    model = setup["model"]
     latent = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     cache = encode_reference(model, latent, text_conditioning(0), seed=0)
     calls = {"project": 0, "rows": []}
@@ -219,12 +222,13 @@ def test_memory_kv_reuse_gives_identical_outputs_and_projects_once(setup, monkey
 
     monkeypatch.setattr(MemoryAdapterLayer, "project_memory", counting_project)
     monkeypatch.setattr(MemoryAdapterLayer, "forward", recording_forward)
-    from comfyui_dreamcache.dreamcache_core.comfy_bridge import attach_injection
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge import attach_injection, build_injection
+    from comfyui_dreamcache.dreamcache_core.method.controls import Controls
 
     outputs = {}
     for reuse in (True, False):
         calls.update(project=0, rows=[])
-        injection = generate.build_injection(model, setup["adapter"], cache, 1.0, 0.0, 1.0, (0,), reuse_memory_kv=reuse)
+        injection = build_injection(model, setup["adapter"], cache, Controls(), (0,), reuse_memory_kv=reuse)
         personalised = attach_injection(model.clone(), injection)
         outputs[reuse] = ksample(personalised, text_conditioning(1), text_conditioning(2), torch.zeros(1, 4, 16, 16),
                                  seed=3, steps=3)

@@ -10,9 +10,12 @@ import os
 import pytest
 import torch
 
-from test_comfy_training import TOY_CONTEXT, make_model, world  # noqa: F401 (world is a fixture)
+import test_comfy_training
+from test_comfy_training import TOY_CONTEXT, make_model
 
 pytestmark = pytest.mark.comfy  # every test here needs ComfyUI (COMFYUI_PATH)
+
+world = test_comfy_training.world  # the toy world fixture (one per module), shared with the training tests
 
 
 @pytest.fixture

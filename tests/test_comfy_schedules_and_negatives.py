@@ -144,7 +144,7 @@ def test_apply_negative_reference_takes_the_negative_prompts_rows(sd15):
 def test_guider_without_negative_reference_is_todays_guider_and_with_one_steers_e00(sd15):
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import combined_guider
     from comfyui_dreamcache.dreamcache_core.method.guidance import REFERENCE_CHUNKS
-    from comfyui_dreamcache.dreamcache_core.method.injection import build_injection
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge import build_injection
 
     noise = noise_for()
     cache = sd15["caches"][0]

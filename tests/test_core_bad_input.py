@@ -2,7 +2,6 @@
 than they hold, broken metadata and layouts, the dataset CLI's errors and manifests leaving their folder.
 One test per class of problem, parametrised over examples; every test asserts the message."""
 import json
-import math
 import os
 import subprocess
 import sys

@@ -60,3 +60,140 @@ def test_the_scan_finds_every_kind_of_import(tmp_path):
     sample.write_text("import comfy.sd\nfrom folder_paths import x\ndef f():\n    import importlib\n"
                       "    return importlib.import_module('nodes')\nfrom .nodes import y\nimport numpy\n")
     assert [name for _, name in comfyui_imports(sample)] == ["comfy.sd", "folder_paths", "nodes"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the layers: a module imports its own layer and the layers below it, never one above (README, "how the pack is
+# laid out")
+# ----------------------------------------------------------------------------------------------------------------
+
+LAYERS = (
+    ("method", "data"),  # the method in plain torch; the shipped prompt and subject lists
+    ("io", "masking"),  # files (adapters, images, models' paths); reference masks, SAM
+    ("comfy_bridge",),  # the only core code that reaches ComfyUI
+    ("training",),  # data, loss, loop, `train`
+    ("evaluation",),  # generation, metrics, the benchmarks (also of training)
+    ("toy",),  # the CPU-sized world and benchmark
+    ("nodes",),  # ComfyUI glue
+)
+LAYER_OF = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
+# The one import that runs up a layer, and why it stays: {file: (imported module, reason)}.
+KNOWN_UPWARD_IMPORTS = {
+    "dreamcache_core/io/convert_authors.py": (
+        "dreamcache_core.comfy_bridge.model_files",
+        "the documented command `python -m dreamcache_core.io.convert_authors` (README, the adapter loaders' "
+        "messages) looks file names up in ComfyUI's model folders; removing this import means moving the command"),
+}
+
+
+def module_name(path: Path) -> tuple:
+    """("dreamcache_core", "method", "patch") of a file under the pack; a package is its __init__'s folder."""
+    parts = path.relative_to(PACK_ROOT).with_suffix("").parts
+    return parts[:-1] if parts[-1] == "__init__" else parts
+
+
+def layer_of(module: tuple):
+    """The layer package of a module of the pack ("method", ..., "nodes"), or None outside the layers."""
+    if module[:1] == ("nodes",):
+        return "nodes"
+    if module[:1] == ("dreamcache_core",) and len(module) > 1 and module[1] in LAYER_OF:
+        return module[1]
+    return None
+
+
+def pack_imports(path: Path, module: tuple = None) -> list:
+    """(line, imported module) of every import of the pack's own modules in ``path``: at module level and inside
+    functions, relative imports resolved against ``module`` (the file's own dotted name, default from its path).
+    ``from . import x`` counts as importing the module ``x`` of that package."""
+    module = module_name(path) if module is None else module
+    package = module if path.name == "__init__.py" else module[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if not isinstance(node, ast.ImportFrom) or not node.level:
+            continue  # the pack imports itself relatively (its folder name is not a fixed package name)
+        base = package[:len(package) - (node.level - 1)]
+        if node.module:
+            found.append((node.lineno, base + tuple(node.module.split("."))))
+        else:
+            found += [(node.lineno, base + (alias.name,)) for alias in node.names]
+    return found
+
+
+def upward_imports(paths) -> dict:
+    """{file: [(line, imported module, its layer)]} of imports that reach a layer above the file's own."""
+    offenders = {}
+    for path in paths:
+        own = layer_of(module_name(path))
+        if own is None:
+            continue
+        for line, imported in pack_imports(path):
+            other = layer_of(imported)
+            if other is not None and LAYER_OF[other] > LAYER_OF[own]:
+                offenders.setdefault(str(path.relative_to(PACK_ROOT)), []).append(
+                    (line, ".".join(imported), other))
+    return offenders
+
+
+def pack_modules() -> list:
+    return sorted(list(CORE.rglob("*.py")) + list((PACK_ROOT / "nodes").rglob("*.py")))
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    offenders = upward_imports(pack_modules())
+    for path, (module, _why) in KNOWN_UPWARD_IMPORTS.items():
+        entries = offenders.pop(path, [])
+        assert any(entry[1] == module for entry in entries), \
+            f"{path} no longer imports {module}: remove it from KNOWN_UPWARD_IMPORTS"
+        if any(entry[1] != module for entry in entries):
+            offenders[path] = [entry for entry in entries if entry[1] != module]
+    order = " <- ".join("/".join(packages) for packages in LAYERS)
+    assert not offenders, (f"these modules import a layer above their own (the layers, lowest first: {order}); "
+                           f"move what they need down, or pass it in from above: {offenders}")
+
+
+def function_level_pack_imports(path: Path, module: tuple = None) -> list:
+    """(line, imported module) of the pack's own modules imported inside a function body of ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    inside = {node.lineno for function in ast.walk(tree) if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(function) if isinstance(node, ast.ImportFrom)}
+    return [(line, imported) for line, imported in pack_imports(path, module) if line in inside]
+
+
+def test_the_pack_imports_its_own_modules_at_module_level():
+    """Inside functions the pack imports only ComfyUI and heavy optional packages (segment_anything,
+    transformers, tensorboard, pyarrow, ...), never its own modules: the imports at the top of a module say what
+    it builds on. (The converter command's ComfyUI name lookup is the known upward import, kept lazy.)"""
+    offenders = {}
+    for path in pack_modules():
+        found = function_level_pack_imports(path)
+        name = str(path.relative_to(PACK_ROOT))
+        if name in KNOWN_UPWARD_IMPORTS:
+            found = [(line, m) for line, m in found if ".".join(m) != KNOWN_UPWARD_IMPORTS[name][0]]
+        if found:
+            offenders[name] = [(line, ".".join(module)) for line, module in found]
+    assert not offenders, f"move these imports of the pack's own modules to the top of their module: {offenders}"
+
+
+def test_every_layer_package_has_a_layer():
+    """A new package under dreamcache_core must be placed in LAYERS (and in the README's layout)."""
+    packages = {p.name for p in CORE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == set(LAYER_OF) - {"nodes"}
+
+
+def test_the_layer_scan_resolves_relative_imports_at_every_depth(tmp_path):
+    """The scan finds module-level and function-level imports, resolves ``.``, ``..`` and ``from . import x``,
+    and flags exactly the upward ones."""
+    folder = tmp_path / "dreamcache_core" / "io"
+    folder.mkdir(parents=True)
+    sample = folder / "sample.py"
+    sample.write_text("from ..method.cache import DreamCache\nfrom . import image_files\nimport numpy\n"
+                      "def f():\n    from ..training.train import main\n    from ...nodes import apply\n"
+                      "    from .model_paths import existing_file\n")
+    module = ("dreamcache_core", "io", "sample")
+    assert pack_imports(sample, module) == [
+        (1, ("dreamcache_core", "method", "cache")), (2, ("dreamcache_core", "io", "image_files")),
+        (5, ("dreamcache_core", "training", "train")), (6, ("nodes",)),
+        (7, ("dreamcache_core", "io", "model_paths"))]
+    ranks = [LAYER_OF[layer_of(imported)] - LAYER_OF["io"] for _, imported in pack_imports(sample, module)]
+    assert [rank > 0 for rank in ranks] == [False, False, True, True, False]
+    assert [line for line, _ in function_level_pack_imports(sample, module)] == [5, 6, 7]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from ..method.input_checks import GUIDANCE_SCALE_RANGE, check_number
+from ..method.guidance import (IMAGE_ONLY, IMAGE_TEXT, UNCONDITIONAL, combined_guidance, needed_predictions,
+                               REFERENCE_CHUNKS)
+from .injection_patches import attach_injection
 
 _GUIDER_CLASS = None
 
@@ -20,8 +23,6 @@ def combined_guider_class():
     if _GUIDER_CLASS is not None:
         return _GUIDER_CLASS
     import comfy.samplers
-
-    from ..method.guidance import IMAGE_ONLY, IMAGE_TEXT, UNCONDITIONAL, combined_guidance, needed_predictions
 
     class DreamCacheCombinedGuider(comfy.samplers.CFGGuider):
         text_cfg = 7.5
@@ -63,9 +64,6 @@ def combined_guider(model_patcher, injection, positive, negative, text_cfg: floa
     """A GUIDER for SamplerCustomAdvanced: a clone of ``model_patcher`` carrying ``injection`` (which must target
     ``guidance.REFERENCE_CHUNKS``), with DreamCache's combined guidance over ``positive``/``negative``;
     ``negative_injection`` (targeting ``guidance.UNCONDITIONAL`` only) puts a negative reference into e(0,0)."""
-    from ..method.guidance import REFERENCE_CHUNKS, UNCONDITIONAL
-    from .injection_patches import attach_injection
-
     text_cfg = check_number(text_cfg, "text_cfg", *GUIDANCE_SCALE_RANGE, advice="The authors use 7.5.")
     image_cfg = check_number(image_cfg, "image_cfg", *GUIDANCE_SCALE_RANGE, advice="The authors use 5.0.")
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 from ..io.model_paths import MODEL_KINDS, ModelFileNotFound, existing_file, not_found_message
 from .checkout import ensure_comfyui, find_comfyui
+from . import model_folders  # model_folders.register_model_folders looked up at call time: tests substitute it
 
 
 def comfyui_folder_paths(comfyui: Optional[str] = None):
@@ -26,8 +27,7 @@ def comfyui_folder_paths(comfyui: Optional[str] = None):
     ensure_comfyui(comfyui)
     import folder_paths
 
-    from .model_folders import register_model_folders
-    register_model_folders()
+    model_folders.register_model_folders()
     return folder_paths, ""
 
 

@@ -41,7 +41,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -49,7 +48,15 @@ from typing import Callable, Optional
 import torch
 
 from ..comfy_bridge.models import random_model
-from ..comfy_bridge.sampling import comfyui_environment, schedule_sigmas
+from ..io.memory_probes import PeakMemory
+from ..method.controls import Controls
+from ..comfy_bridge.sampling import (comfyui_environment, schedule_sigmas, sample_timed as bridge_sample_timed,
+                                     prepare_noise)
+from ..comfy_bridge import (build_injection, attach_injection, encode_sigma, single_model_pass, encode_reference,
+                            ensure_comfyui)
+from ..io.adapter_io import adapter_state_dict
+from ..method.adapter import build_adapter
+from ..method.layers import discover_memory_layers, model_signature
 
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
@@ -128,84 +135,6 @@ def ab_order(repeats: int) -> list:
     return order
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# memory probes
-# ----------------------------------------------------------------------------------------------------------------
-
-def _proc_status_bytes(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux >= 4.0: writing 5 to /proc/self/clear_refs resets the peak resident set size (VmHWM)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return _proc_status_bytes("VmHWM") is not None
-    except OSError:
-        return False
-
-
-class PeakMemory:
-    """Peak memory while a block runs, in absolute bytes.
-
-    GPU: ``torch.cuda.max_memory_allocated`` (exact, tensors only). CPU: the process's peak resident set size,
-    from the kernel (VmHWM, reset before the block) on Linux, else sampled every ``interval_s`` with psutil.
-    """
-
-    def __init__(self, device: torch.device, interval_s: float = 0.001):
-        self.device = device
-        self.interval_s = interval_s
-        self.peak_bytes = 0
-        self.start_bytes = 0
-        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "peak RSS of the process"
-        self._thread = None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
-            return self
-        if _reset_peak_rss():
-            self.start_bytes = _proc_status_bytes("VmRSS") or 0
-            return self
-        import psutil
-
-        process = psutil.Process()
-        self.start_bytes = self._peak = process.memory_info().rss
-        self._stop = threading.Event()
-
-        def poll():
-            while not self._stop.is_set():
-                self._peak = max(self._peak, process.memory_info().rss)
-                time.sleep(self.interval_s)
-
-        self._process = process
-        self._thread = threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-        elif self._thread is None:
-            self.peak_bytes = int(_proc_status_bytes("VmHWM") or 0)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_bytes = int(max(self._peak, self._process.memory_info().rss))
-        return False
-
-
 def synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -229,25 +158,17 @@ def conditioning(shape: Shape, seed: int):
 
 def personalise(model_patcher, adapter, cache, chunks=(0,)):
     """What Apply DreamCache does: a clone carrying the injection (ComfyUI's optimized memory attention)."""
-    from ..method.injection import build_injection
-    from ..comfy_bridge import attach_injection
-
-    injection = build_injection(model_patcher, adapter, cache, 1.0, chunks=chunks)
+    injection = build_injection(model_patcher, adapter, cache, Controls(strength=1.0), chunks)
     return attach_injection(model_patcher.clone(), injection), injection
 
 
 def sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, device) -> list:
     """One sampling run through CFGGuider; returns the time of each model call (each step)."""
-    from ..comfy_bridge.sampling import sample_timed as bridge_sample_timed
-
     return bridge_sample_timed(model_patcher, positive, negative, latent, sigmas, cfg, seed, lambda: synchronize(device))
 
 
 def plain_single_pass(model_patcher, latent, cond, seed, device) -> float:
     """Wall time of one plain model call on ``latent`` through the Encode pass's own path (no capture)."""
-    from ..comfy_bridge import encode_sigma, single_model_pass
-    from ..comfy_bridge.sampling import prepare_noise
-
     noise = prepare_noise(latent, seed)
     sigma = torch.tensor([encode_sigma(model_patcher)])
     synchronize(device)
@@ -301,8 +222,6 @@ def adapter_step_flops(injection, rows: int) -> int:
 
 
 def timed_encode(model_patcher, latent, cond, seed, device, mask=None):
-    from ..comfy_bridge import encode_reference
-
     synchronize(device)
     start = time.perf_counter()
     with torch.no_grad():
@@ -339,10 +258,6 @@ def center_mask(side: int, fraction: float) -> torch.Tensor:
 def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, settings: BenchmarkSettings,
                     log: Callable[[str], None] = print) -> dict:
     """Run the whole benchmark for one shape; returns a JSON-ready dict."""
-    from ..method.adapter import build_adapter
-    from ..io.adapter_io import adapter_state_dict
-    from ..method.layers import discover_memory_layers, model_signature
-
     build_start = time.perf_counter()
     model = random_model(shape.family, shape.unet, settings.seed, dtype, device)
     unet = model.model.diffusion_model
@@ -392,8 +307,8 @@ def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, sett
     one_step = sigmas[:2]
     step_flops = {label: counted_flops(lambda m=models[label]: sample_timed(
         m, positive, negative, latent, one_step, settings.cfg, settings.seed, device)) for label in ("A", "B")}
-    encode_flops = counted_flops(lambda: timed_encode(model, reference, empty, settings.seed, device, mask))
-    plain_flops = counted_flops(lambda: plain_single_pass(model, reference, empty, settings.seed, device))
+    encode_flops = counted_flops(lambda m=model: timed_encode(m, reference, empty, settings.seed, device, mask))
+    plain_flops = counted_flops(lambda m=model: plain_single_pass(m, reference, empty, settings.seed, device))
     step_ratios = paired_ratios(runs["A"], runs["B"])
     all_a = [t for run in runs["A"] for t in run]
     all_b = [t for run in runs["B"] for t in run]
@@ -585,7 +500,6 @@ def command_line(argv, module: str = "dreamcache_core.evaluation.benchmark") -> 
 def prepare_device(args) -> torch.device:
     """The device ``args.device`` names, with ComfyUI made importable for it and torch's CPU threads set."""
     device = resolve_device(args.device)
-    from ..comfy_bridge import ensure_comfyui
 
     ensure_comfyui(args.comfyui, cpu=device.type == "cpu")
     if args.threads:

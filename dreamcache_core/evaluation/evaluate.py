@@ -30,7 +30,10 @@ import torch
 
 from . import metrics
 from ..io.image_files import list_images, load_image, load_mask
+from ..masking.sam_segmenter import SamSegmenter
 from .generate import SETTINGS_FILE, SETTINGS_FORMAT
+from ..comfy_bridge.model_files import resolve_model_file
+from ..data import dreambench_prompts, dreambench_subject
 
 FILE_PATTERN = re.compile(r"^(\d+)_(\d+)\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
 
@@ -53,7 +56,6 @@ def read_generations(folder: str, dataset: Optional[str] = None, unique_token: s
             reference_image = (ref.get("reference_image") or {}).get("path")
             references[name] = {"real_images": real, "reference_image": reference_image}
         return {"images": images, "references": references, "settings": record.get("settings", {})}
-    from ..data import dreambench_prompts, dreambench_subject
 
     if not dataset:
         raise ValueError(f"{folder} has no settings.json; for a folder in the DreamBench layout "
@@ -216,10 +218,6 @@ def main(argv=None) -> dict:
     if not args.no_masked:
         segmenter = None
         if args.sam:
-            from .generate import SamSegmenter
-
-            from ..comfy_bridge.model_files import resolve_model_file
-
             args.sam = resolve_model_file(args.sam, "sam")
             segmenter = SamSegmenter(args.sam, device)
         masks = MaskSource(segmenter)

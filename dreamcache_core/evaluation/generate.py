@@ -38,7 +38,6 @@ Prompts use the class noun without a unique token ("a dog in the jungle").
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -50,92 +49,29 @@ from typing import Callable, Optional
 
 import torch
 
-from ..comfy_bridge.models import comfy_nodes_module
+from ..comfy_bridge.pipeline import GUIDANCE_MODES, Pipeline, Sampler, load_pipeline
+from ..io.file_hashes import describe_file
 from ..io.image_files import list_images, load_image, load_mask, save_png
-from ..method.injection import build_injection
+from ..io.prompt_files import read_prompts_file
+from ..masking.sam_segmenter import SamSegmenter
+from ..comfy_bridge import encode_reference, ensure_comfyui
+from ..comfy_bridge.model_files import resolve_model_file
+from ..comfy_bridge.sampling import comfyui_environment
+from ..data import dreambench_prompts, dreambench_subject, dreambench_subjects
+from ..io.adapter_io import load_adapter
+from ..masking.reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
+from ..method.cache import load_cache, save_cache
 
 SETTINGS_FILE = "settings.json"
 SETTINGS_FORMAT = "dreamcache-generate"
 SETTINGS_VERSION = 1
-GUIDANCE_MODES = ("joint", "combined", "off")
 # settings that describe where files go or how the run is logged, not what is generated
 NON_GENERATIVE = {"out", "replay", "skip_existing", "comfyui", "cpu", "quiet"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# files
-# ----------------------------------------------------------------------------------------------------------------
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def describe_file(path: Optional[str]) -> Optional[dict]:
-    if not path:
-        return None
-    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the ComfyUI pipeline (checkpoint -> text / image encoders, sampler)
-# ----------------------------------------------------------------------------------------------------------------
-
-class Pipeline:
-    """The model and the ComfyUI operations generation needs. Tests substitute the encoders."""
-
-    def __init__(self, model, clip=None, vae=None):
-        self.model = model
-        self.clip = clip
-        self.vae = vae
-
-    def encode_text(self, text: str):
-        """CONDITIONING of ``text`` (CLIP Text Encode)."""
-        (conditioning,) = comfy_nodes_module().CLIPTextEncode().encode(self.clip, text)
-        return conditioning
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Latent of IMAGE [B, H, W, 3] (VAE Encode)."""
-        (latent,) = comfy_nodes_module().VAEEncode().encode(self.vae, image[..., :3])
-        return latent["samples"]
-
-    def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """IMAGE [B, H, W, 3] of latents (VAE Decode)."""
-        (images,) = comfy_nodes_module().VAEDecode().decode(self.vae, {"samples": samples})
-        return images
-
-
-def load_pipeline(checkpoint: str) -> Pipeline:
-    """Load Checkpoint: MODEL, CLIP and VAE from one checkpoint file."""
-    from ..comfy_bridge.models import load_checkpoint
-
-    return Pipeline(*load_checkpoint(checkpoint, need_encoders=True))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # references
 # ----------------------------------------------------------------------------------------------------------------
-
-class SamSegmenter:
-    """SAM loaded once, used to find the subject of references (and of images in evaluate)."""
-
-    def __init__(self, checkpoint: str, device: Optional[str] = None):
-        from ..masking.sam_segmenter import build_sam_from_state_dict, load_sam_checkpoint
-
-        self.checkpoint = checkpoint
-        self.sam = build_sam_from_state_dict(load_sam_checkpoint(checkpoint))
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.sam.to(self.device).eval()
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """Subject mask [H, W] of one image [H, W, C]."""
-        from ..masking.sam_segmenter import segment_subject
-
-        return segment_subject(self.sam, image)
-
 
 @dataclass
 class Reference:
@@ -155,8 +91,6 @@ def prepare_reference(image: torch.Tensor, size: int, mask: Optional[torch.Tenso
     Without any of them the reference is only resized to a square (unmasked), or refused when
     ``allow_unmasked`` is False.
     """
-    from ..masking.reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
-
     margin = DEFAULT_MARGIN if margin is None else margin
     if image.ndim == 3:
         image = image.unsqueeze(0)
@@ -185,56 +119,9 @@ def prepare_reference(image: torch.Tensor, size: int, mask: Optional[torch.Tenso
 
 def encode_cache(pipeline: Pipeline, reference: Reference, encode_conditioning, seed: int, token_mask: bool = True):
     """Encode DreamCache on the prepared reference (the mask, when there is one, drops background tokens)."""
-    from ..comfy_bridge import encode_reference
-
     latent = pipeline.encode_image(reference.image)
     mask = reference.mask if (token_mask and reference.mask is not None) else None
     return encode_reference(pipeline.model, latent, encode_conditioning, seed, mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# sampling
-# ----------------------------------------------------------------------------------------------------------------
-
-class Sampler:
-    """Samples latents for one (adapter, cache) pair with the chosen guidance; reused across prompts."""
-
-    def __init__(self, model, adapter, cache, settings: dict):
-        self.model = model
-        self.settings = settings
-        guidance = settings["guidance"]
-        self.injection = None
-        if guidance == "off" or cache is None or settings["strength"] == 0:
-            self.sampling_model = model
-        elif guidance == "joint":
-            from ..comfy_bridge import attach_injection
-            from ..method.patch import POSITIVE_CHUNK
-
-            self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
-                                             settings["end_percent"], (POSITIVE_CHUNK,), memory_managed=True)
-            self.sampling_model = attach_injection(model.clone(), self.injection)
-        elif guidance == "combined":
-            from ..method.guidance import REFERENCE_CHUNKS
-
-            self.injection = build_injection(model, adapter, cache, settings["strength"], settings["start_percent"],
-                                             settings["end_percent"], REFERENCE_CHUNKS, memory_managed=True)
-            self.sampling_model = model
-        else:
-            raise ValueError(f"--guidance must be one of {GUIDANCE_MODES}, got {guidance!r}.")
-
-    def sample(self, positive, negative, seeds: list[int], latent_shape) -> torch.Tensor:
-        from ..comfy_bridge import combined_guider
-        from ..comfy_bridge.sampling import empty_latent_for, guider_sample, ksampler_sample, prepare_noise
-
-        s = self.settings
-        latent = empty_latent_for(self.model, torch.zeros((len(seeds),) + tuple(latent_shape)))
-        noise = torch.cat([prepare_noise(latent[:1], seed) for seed in seeds])
-        if s["guidance"] == "combined" and self.injection is not None:
-            guider = combined_guider(self.model, self.injection, positive, negative, s["text_cfg"], s["image_cfg"])
-            return guider_sample(guider, noise, latent, s["steps"], s["sampler"], s["scheduler"], seeds[0])
-        cfg = s["text_cfg"] if s["guidance"] == "combined" else s["cfg"]
-        return ksampler_sample(self.sampling_model, noise, s["steps"], cfg, s["sampler"], s["scheduler"], positive,
-                               negative, latent, seeds[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,18 +143,7 @@ class Job:
     real_images: list = field(default_factory=list)
 
 
-def read_prompts_file(path: str) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are skipped."""
-    with open(path, encoding="utf-8") as handle:
-        prompts = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompt (one per line; lines starting with # are comments).")
-    return prompts
-
-
 def dreambench_jobs(settings: dict) -> list[Job]:
-    from ..data import dreambench_prompts, dreambench_subject, dreambench_subjects
-
     dataset = settings["dreambench"]
     if not os.path.isdir(dataset):
         raise ValueError(f"--dreambench {dataset} is not a folder. Point it at the 'dataset' folder of a copy of "
@@ -324,8 +200,6 @@ def resolve_seeds(settings: dict) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def environment_info() -> dict:
-    from ..comfy_bridge.sampling import comfyui_environment
-
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     found = comfyui_environment()
     info["comfyui"] = found["comfyui"]
@@ -351,9 +225,6 @@ def run(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], N
 
 
 def _generate_all(pipeline: Pipeline, settings: dict, out_dir: str, log: Callable[[str], None], adapter) -> dict:
-    from ..io.adapter_io import load_adapter
-    from ..method.cache import load_cache, save_cache
-
     os.makedirs(out_dir, exist_ok=True)
     unet = pipeline.model.get_model_object("diffusion_model")
     if adapter is None and settings["guidance"] != "off":
@@ -549,11 +420,8 @@ def main(argv=None, pipeline: Optional[Pipeline] = None, log: Optional[Callable[
     settings["_argv"] = argv
     log = log or ((lambda message: None) if settings["quiet"] else
                   (lambda message: print(message, file=sys.stderr, flush=True)))
-    from ..comfy_bridge.model_files import resolve_model_file
 
     if pipeline is None:
-        from ..comfy_bridge import ensure_comfyui
-
         ensure_comfyui(settings["comfyui"], cpu=settings["cpu"])
         if not settings["checkpoint"]:
             raise ValueError("Give the base model: --checkpoint FILE (SD1.5, SD2.x or SDXL).")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import sys
 import time
@@ -55,6 +56,11 @@ import torch
 from .benchmark import (SHAPES, PeakMemory, command_line, conditioning, counted_flops, environment_info, median,
                         prepare_device, report_results, synchronize)
 from ..comfy_bridge.models import meta_unet, random_model
+from ..comfy_bridge import encode_reference
+from ..method.adapter import build_adapter
+from ..method.layers import discover_memory_layers, model_signature
+from ..training.training_loop import TrainConfig, make_optimizer
+from ..training.training_loss import LossRow, sigma_of_timestep, denoising_losses, gradient_checkpointing
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,8 +81,6 @@ class StepSettings:
 
 def training_rows(model_patcher, shape, settings: StepSettings, device: torch.device):
     """(loss rows without caches, reference latents): random targets, noise, text; one reference per row."""
-    from ..training.training_loss import LossRow, sigma_of_timestep
-
     generator = torch.Generator().manual_seed(settings.seed)
     side = shape.latent
     cond = conditioning(shape, settings.seed)
@@ -109,8 +113,6 @@ def timed(device: torch.device, run) -> float:
 def peak_memory(device: torch.device, run) -> tuple:
     """(peak bytes, bytes before, seconds) of one ``run()``: CUDA max_memory_allocated, or the process's peak
     RSS on the CPU (``benchmark.PeakMemory``)."""
-    import gc
-
     gc.collect()
     with PeakMemory(device) as probe:
         seconds = timed(device, run)
@@ -120,9 +122,6 @@ def peak_memory(device: torch.device, run) -> tuple:
 def benchmark_configuration(model_patcher, adapter, shape, settings: StepSettings, device: torch.device,
                             precision: str, checkpointing: bool) -> dict:
     """Median step times (s) and samples/s of plain, adapter and adapter-cached steps for one configuration."""
-    from ..comfy_bridge import encode_reference
-    from ..training.training_loss import LossRow, denoising_losses, gradient_checkpointing
-
     unet = model_patcher.model.diffusion_model
     dtype = PRECISIONS[precision]
 
@@ -149,8 +148,6 @@ def benchmark_configuration(model_patcher, adapter, shape, settings: StepSetting
 
     optimizer = None
     if settings.optimizer != "none":
-        from ..training.training_loop import TrainConfig, make_optimizer
-
         optimizer = make_optimizer(adapter.parameters(), TrainConfig(output_dir="", optimizer=settings.optimizer))
 
     def adapter_step(with_encode: bool):
@@ -192,9 +189,6 @@ def benchmark_configuration(model_patcher, adapter, shape, settings: StepSetting
 
 def benchmark_shape(name: str, device: torch.device, settings: StepSettings, precisions: list,
                     checkpointing: list, log, weights: str = "fp32") -> list:
-    from ..method.adapter import build_adapter
-    from ..method.layers import discover_memory_layers, model_signature
-
     shape = SHAPES[name]
     log(f"{name}: building the U-Net ({shape.description})")
     model_patcher = random_model(shape.family, shape.unet, settings.seed, WEIGHT_DTYPES[weights], device)
@@ -220,8 +214,6 @@ def benchmark_shape(name: str, device: torch.device, settings: StepSettings, pre
 def forward_flops(name: str, device: torch.device, seed: int = 0) -> int:
     """FLOPs of one plain forward pass of one sample of ``name`` (no gradients: fits machines that cannot
     train the shape), the unit the training-step FLOPs of smaller shapes are scaled by."""
-    from ..training.training_loss import denoising_losses
-
     shape = SHAPES[name]
     model_patcher = random_model(shape.family, shape.unet, seed, torch.float32, device)
     model_patcher.model.diffusion_model.requires_grad_(False)

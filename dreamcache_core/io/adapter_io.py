@@ -23,6 +23,7 @@ import torch
 from ..method.adapter import DreamCacheAdapter
 from ..method.base_family import context_width_problem
 from ..method.input_checks import check_finite_tensor, read_json_field
+from ..method import layers as method_layers  # looked up at call time: tests substitute its functions
 from ..method.layers import MemoryLayerSpec, describe_layers
 from ..method.normal_tensors import normal_tensors
 
@@ -334,9 +335,8 @@ class BaseLayout:
 
 
 def layout_of_model(model) -> BaseLayout:
-    from ..method.layers import discover_memory_layers, memory_norm1, model_signature
-
-    return BaseLayout(discover_memory_layers(model), memory_norm1(model), model_signature(model))
+    return BaseLayout(method_layers.discover_memory_layers(model), method_layers.memory_norm1(model),
+                      method_layers.model_signature(model))
 
 
 def adapter_from_authors_state_dict(state: dict, base_model=None, source: str = "checkpoint",

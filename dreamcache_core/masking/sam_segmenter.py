@@ -11,7 +11,10 @@ the functions that need it, so the rest of the pack works without it):
   segment-anything's registry builder and loads the weights strictly;
 * ``segment_subject(sam, image)`` returns the subject mask, prompting SAM with
   a user box or with the automatic central-salient-object prompt from
-  ``reference_mask``.
+  ``reference_mask``;
+* ``SamSegmenter(checkpoint, device)`` is SAM loaded once from a file, called
+  with an image for its subject mask (the dataset builder, generation,
+  evaluation and synthesis's automatic segmenter all use it).
 
 Only the original SAM (``sam_vit_b_01ec64.pth``, ``sam_vit_l_0b3195.pth``,
 ``sam_vit_h_4b8939.pth`` or their safetensors conversions) is supported.
@@ -253,3 +256,17 @@ def segment_subject(sam_model, image, box: Optional[Tuple[float, float, float, f
         )
     best = pick_best_mask(masks, scores, (height, width))
     return torch.from_numpy(np.ascontiguousarray(masks[best])).float()
+
+
+class SamSegmenter:
+    """SAM loaded once from a checkpoint file (``load_sam_checkpoint`` + ``build_sam_from_state_dict``), moved to
+    ``device`` (default: CUDA when available); called with one image [H, W, C], returns ``segment_subject``'s
+    subject mask [H, W]."""
+
+    def __init__(self, checkpoint: str, device: Optional[str] = None):
+        self.checkpoint = checkpoint
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.sam = build_sam_from_state_dict(load_sam_checkpoint(checkpoint)).to(self.device)
+
+    def __call__(self, image) -> torch.Tensor:
+        return segment_subject(self.sam, image)

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from .sam_segmenter import SamSegmenter
 from .subject_filters import Detection
 
 DETECTOR_TYPES = ("grounding-dino",)
@@ -107,12 +108,10 @@ class AutomaticSam:
     """segment-anything with the automatic prompt (no detector): (image, noun) -> Detection without a score."""
 
     def __init__(self, checkpoint: str, device: Optional[str] = None):
-        from ..training.dataset import sam_segmenter
-
         if not os.path.isfile(checkpoint):
             raise ValueError(f"--sam {checkpoint} is not a file; give a segment-anything checkpoint "
                              "(sam_vit_b_01ec64.pth, ...), or --detector and --segmenter folders.")
-        self.segmenter = sam_segmenter(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.segmenter = SamSegmenter(checkpoint, device)
 
     def __call__(self, image: torch.Tensor, noun: str) -> Detection:
         return Detection(self.segmenter(image))

@@ -16,6 +16,7 @@ A fresh adapter is an exact identity: W_cat = [I | 0], b_cat = 0.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional
 
@@ -23,8 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import layers  # looked up at call time (layers.discover_memory_layers, ...): tests substitute them
 from .layers import MemoryLayerSpec
 from .normal_tensors import normal_tensors
+from .base_family import base_family, block_names, describe_base, mismatch_advice
 
 AttentionFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]], torch.Tensor]
 
@@ -196,12 +199,9 @@ def build_adapter(specs: list[MemoryLayerSpec], signature: Optional[dict] = None
 def check_adapter_fits(adapter: DreamCacheAdapter, model) -> None:
     """Raise a clear error when ``adapter`` was made for another base model (widths, heads or layers differ),
     naming the adapter's base family and the model's (SD1.5, SD2.x, SDXL or an unknown base)."""
-    from .base_family import base_family, block_names, describe_base, mismatch_advice
-    from .layers import discover_memory_layers, model_signature
-
-    model_layers = discover_memory_layers(model)
+    model_layers = layers.discover_memory_layers(model)
     model_specs = {s.key: s for s in model_layers}
-    model_context = model_signature(model)["context_dim"]
+    model_context = layers.model_signature(model)["context_dim"]
     adapter_specs = adapter.specs
     adapter_context = adapter.signature.get("context_dim") if adapter.signature else None
     adapter_family = base_family(specs=adapter_specs.values(), context_dim=adapter_context)
@@ -237,13 +237,9 @@ def check_adapter_fits(adapter: DreamCacheAdapter, model) -> None:
 def adapter_for_model(adapter: DreamCacheAdapter, model) -> DreamCacheAdapter:
     """Check ``adapter`` against ``model`` and return it ready to inject (an authors' checkpoint gets a
     folded copy; the loaded object is left as it is)."""
-    import copy
-
-    from .layers import memory_norm1
-
     check_adapter_fits(adapter, model)
     if adapter.norm_folded:
         return adapter
     with normal_tensors():
         folded = copy.deepcopy(adapter)
-    return folded.fold_norms(memory_norm1(model))
+    return folded.fold_norms(layers.memory_norm1(model))

@@ -1,4 +1,5 @@
-"""Artist controls of the injection, in plain torch: layer presets, per-layer weights and region masks.
+"""Artist controls of the injection, in plain torch: ``Controls`` (everything an artist sets for one injection,
+as one value), layer presets, per-layer weights and region masks.
 
 A layer preset picks the memory layers that are personalised by what they do (``LAYER_PRESETS``: shape =
 the middle layer, appearance = the decoder layers, ...); the group weights and per-layer weights below
@@ -19,13 +20,15 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from .input_checks import check_finite_tensor, layer_weight_problem
 from .layers import MemoryLayerSpec
+from .schedules import CONSTANT_SCHEDULE, FrameWeights
 
 REFERENCE_MODES = ("shared", "per_image")
 
@@ -197,3 +200,30 @@ def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
         return side, side
     raise ValueError(f"Cannot tell the token grid of a {tokens}-token layer, so the attention mask cannot be "
                      "resized to it.")
+
+
+@dataclass(frozen=True, eq=False)
+class Controls:
+    """What an artist sets for one injection (Apply DreamCache's and the Guider's inputs, in the core's terms).
+    ``injection.build_injection`` checks them against the model, the adapter and the cache.
+
+    strength: how much of the adapter's change is kept, active between start_percent and end_percent of
+    sampling. region_mask: where it applies (``prepare_region_mask``), None = everywhere. reference_mode:
+    "shared" or "per_image" (``REFERENCE_MODES``); reference_weights: "1, 0.5" as typed, a list, or None for the
+    cache's own weights. layer_preset, middle_weight, decoder_weight, layer_weights: which memory layers and how
+    strongly (``layer_strengths``). weight_schedule: the strength's shape over the steps
+    (``schedules.STEP_SCHEDULES``); frame_weights: a factor per image of the batch ("1, 0.5", keyframes
+    "0=1, 16=0", a ``FrameWeights``, or None)."""
+
+    strength: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    region_mask: Optional[torch.Tensor] = None
+    reference_mode: str = "shared"
+    reference_weights: Union[str, Sequence[float], None] = None
+    middle_weight: float = 1.0
+    decoder_weight: float = 1.0
+    layer_weights: str = ""
+    layer_preset: str = DEFAULT_LAYER_PRESET
+    weight_schedule: str = CONSTANT_SCHEDULE
+    frame_weights: Union[str, FrameWeights, None] = None

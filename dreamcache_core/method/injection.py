@@ -1,25 +1,25 @@
-"""The one builder of a DreamCache injection from what an artist sets.
+"""The one builder of a DreamCache injection from what an artist sets (``controls.Controls``).
 
 Apply DreamCache, the DreamCache Guider, headless generation, the benchmarks and the training loss all build
-their ``DreamCacheInjection`` here, so the checks (adapter and cache against the model), the sampling window
-(start/end percent -> sigmas), the per-layer strengths, the region mask and the reference mode mean the same
-everywhere. ``model`` is a ComfyUI ModelPatcher, used only through its duck-typed accessors
-(``get_model_object``); nothing here imports ComfyUI.
+their ``DreamCacheInjection`` here (through ``comfy_bridge.build_injection``, which adds ComfyUI's attention
+and memory manager), so the checks (adapter and cache against the model), the sampling window (start/end
+percent -> sigmas), the per-layer strengths, the region mask and the reference mode mean the same everywhere.
+``model`` is a ComfyUI ModelPatcher, used only through its duck-typed accessors (``get_model_object``);
+nothing here imports ComfyUI.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence, Union
+from dataclasses import replace
+from typing import Iterable, Optional
 
-import torch
-
-from .adapter import adapter_for_model
+from .adapter import adapter_for_model, multihead_attention
 from .cache import DreamCache, check_cache_fits, parse_reference_weights
-from .controls import DEFAULT_LAYER_PRESET, layer_strengths
+from .controls import Controls, layer_strengths
 from .input_checks import GROUP_WEIGHT_RANGE, PERCENT_RANGE, STRENGTH_RANGE, check_number
 from .layers import discover_memory_layers, model_signature
 from .patch import POSITIVE_CHUNK, DreamCacheInjection
-from .schedules import CONSTANT_SCHEDULE, FrameWeights, StepSchedule, parse_frame_weights
+from .schedules import CONSTANT_SCHEDULE, StepSchedule, parse_frame_weights
 
 
 def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float, float]:
@@ -32,90 +32,60 @@ def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float,
     return sigma_start, sigma_end
 
 
-def build_injection(model, adapter, cache: DreamCache, strength: float = 1.0, start_percent: float = 0.0,
-                    end_percent: float = 1.0, chunks: Optional[Iterable[int]] = (POSITIVE_CHUNK,),
-                    region_mask: Optional[torch.Tensor] = None, reference_mode: str = "shared",
-                    reference_weights: Union[str, Sequence[float], None] = None, middle_weight: float = 1.0,
-                    decoder_weight: float = 1.0, layer_weights: str = "", reuse_memory_kv: bool = True,
-                    attention=None, memory_managed: bool = False, layer_preset: str = DEFAULT_LAYER_PRESET,
-                    weight_schedule: str = CONSTANT_SCHEDULE,
-                    frame_weights: Union[str, FrameWeights, None] = None,
-                    cache_role: str = "cache") -> DreamCacheInjection:
-    """Check ``adapter`` and ``cache`` against ``model`` and build the injection (not attached yet).
+def build_injection(model, adapter, cache: DreamCache, controls: Controls = Controls(),
+                    chunks: Optional[Iterable[int]] = (POSITIVE_CHUNK,), *, reuse_memory_kv: bool = True,
+                    attention=multihead_attention, cache_role: str = "cache") -> DreamCacheInjection:
+    """Check ``adapter`` and ``cache`` against ``model`` and build the injection (not attached yet) with what
+    the artist set (``controls``), into the batch chunks ``chunks`` (None: every chunk).
 
-    reference_weights: "1, 0.5" (as typed in the node), a list, or None for the cache's own weights.
-    layer_preset: which memory layers are personalised (``controls.LAYER_PRESETS``), before the group and
-    per-layer weights. weight_schedule: the strength's shape between start_percent and end_percent
-    (``schedules.STEP_SCHEDULES``; "linear" = constant). frame_weights: a factor per image of the batch
-    ("1, 0.5" or keyframes "0=1, 16=0", see ``schedules``), or None.
-    attention: the memory attention; default ComfyUI's optimized attention (what the U-Net itself uses).
-    memory_managed: hand the adapter to ComfyUI's memory manager (loaded and offloaded with the model, its
-    size counted with the memory keys/values); nodes and generation set it, training keeps its adapter itself.
+    reuse_memory_kv: project the memory keys/values once per run instead of once per step.
+    attention: the memory attention (``multihead_attention`` in plain torch; ``comfy_bridge.build_injection``
+    passes ComfyUI's optimized attention, what the U-Net itself uses).
     cache_role: the input ``cache`` came through, for messages ("cache", or "negative_cache").
     """
-    for name, value, (low, high) in (("strength", strength, STRENGTH_RANGE),
-                                     ("start_percent", start_percent, PERCENT_RANGE),
-                                     ("end_percent", end_percent, PERCENT_RANGE),
-                                     ("middle_weight", middle_weight, GROUP_WEIGHT_RANGE),
-                                     ("decoder_weight", decoder_weight, GROUP_WEIGHT_RANGE)):
+    c = controls
+    for name, value, (low, high) in (("strength", c.strength, STRENGTH_RANGE),
+                                     ("start_percent", c.start_percent, PERCENT_RANGE),
+                                     ("end_percent", c.end_percent, PERCENT_RANGE),
+                                     ("middle_weight", c.middle_weight, GROUP_WEIGHT_RANGE),
+                                     ("decoder_weight", c.decoder_weight, GROUP_WEIGHT_RANGE)):
         # the documented ranges, also for callers outside the nodes: 1e30 is finite but overflows the sample
         check_number(value, name, low, high)
     unet = model.get_model_object("diffusion_model")
     ready_adapter = adapter_for_model(adapter, unet)
     specs = discover_memory_layers(unet)
     check_cache_fits(cache, specs, model_signature(unet), cache_role)
-    sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
+    sigma_start, sigma_end = sigma_range(model, c.start_percent, c.end_percent)
+    reference_weights = c.reference_weights
     if isinstance(reference_weights, str):
         reference_weights = parse_reference_weights(reference_weights, cache.num_references)
-    strengths = layer_strengths(specs, middle_weight, decoder_weight, layer_weights, layer_preset)
+    strengths = layer_strengths(specs, c.middle_weight, c.decoder_weight, c.layer_weights, c.layer_preset)
     step_schedule = None
-    if weight_schedule != CONSTANT_SCHEDULE:
-        step_schedule = StepSchedule(weight_schedule, start_percent, end_percent,
+    if c.weight_schedule != CONSTANT_SCHEDULE:
+        step_schedule = StepSchedule(c.weight_schedule, c.start_percent, c.end_percent,
                                      model.get_model_object("model_sampling").percent_to_sigma)
+    frame_weights = c.frame_weights
     if isinstance(frame_weights, str):
         frame_weights = parse_frame_weights(frame_weights)
-    if attention is None:
-        from ..comfy_bridge import comfy_memory_attention as attention
-    injection = DreamCacheInjection(ready_adapter, cache, strength, sigma_start, sigma_end, chunks,
-                                    layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
-                                    reuse_memory_kv=reuse_memory_kv, attention=attention, region_mask=region_mask,
-                                    reference_mode=reference_mode, reference_weights=reference_weights,
-                                    step_schedule=step_schedule, frame_weights=frame_weights)
-    if memory_managed:
-        hand_to_memory_manager(model, [injection])
-    return injection
+    return DreamCacheInjection(ready_adapter, cache, c.strength, sigma_start, sigma_end, chunks,
+                               layer_strengths={k: v for k, v in strengths.items() if v != 1.0},
+                               reuse_memory_kv=reuse_memory_kv, attention=attention, region_mask=c.region_mask,
+                               reference_mode=c.reference_mode, reference_weights=reference_weights,
+                               step_schedule=step_schedule, frame_weights=frame_weights)
 
 
-def hand_to_memory_manager(model, injections: Sequence[DreamCacheInjection]) -> None:
-    """Give ComfyUI's memory manager ONE ModelPatcher of the adapter the ``injections`` share (a reference and
-    a negative reference), sized with the device memory all of them hold; the first injection carries it."""
-    from ..comfy_bridge import adapter_model_patcher
-
-    adapters = {id(injection.adapter) for injection in injections}
-    if len(adapters) != 1:
-        raise ValueError("Injections handed to the memory manager together must share one adapter.")
-    dtype = model.model_dtype() or torch.float32
-    extra = sum(injection.device_memory_bytes(dtype) for injection in injections)
-    patcher = adapter_model_patcher(injections[0].adapter, extra)  # the adapter's one patcher, sized for these
-    injections[0].managed_models = [patcher]
-    injections[0].managed_size = patcher.size
-    for injection in injections[1:]:
-        injection.managed_models = []
-
-
-def build_injections(model, adapter, cache: DreamCache, negative_cache: Optional[DreamCache] = None,
-                     chunks: Iterable[int] = (POSITIVE_CHUNK,), negative_chunks: Iterable[int] = (),
-                     **controls) -> list[DreamCacheInjection]:
-    """The reference's injection and, with ``negative_cache``, a negative reference's, handed to ComfyUI's
-    memory manager together (one adapter, their memories counted together).
+def build_injections(model, adapter, cache: DreamCache, controls: Controls = Controls(),
+                     negative_cache: Optional[DreamCache] = None, chunks: Iterable[int] = (POSITIVE_CHUNK,),
+                     negative_chunks: Iterable[int] = (), **options) -> list[DreamCacheInjection]:
+    """The reference's injection and, with ``negative_cache``, a negative reference's (sharing one adapter;
+    ``comfy_bridge.build_injections`` hands them to ComfyUI's memory manager together).
 
     The negative reference is injected into ``negative_chunks`` (the batch rows of the negative prompt, or the
     combined guider's unconditional branch) instead of no reference, with the same strength, window,
     schedules, layers and region as the reference; its references are shared (their union, with the
-    negative cache's own weights). ``controls`` are ``build_injection``'s keyword arguments.
+    negative cache's own weights). ``options`` are ``build_injection``'s keyword-only arguments.
     """
-    controls = dict(controls, memory_managed=False)
-    positive = build_injection(model, adapter, cache, chunks=chunks, **controls)
+    positive = build_injection(model, adapter, cache, controls, chunks, **options)
     injections = [positive]
     if negative_cache is not None:
         negative_chunks = frozenset(int(c) for c in negative_chunks)
@@ -123,8 +93,7 @@ def build_injections(model, adapter, cache: DreamCache, negative_cache: Optional
             raise ValueError(f"The negative reference needs batch chunks of its own: the reference is injected into "
                              f"{'every chunk' if positive.chunks is None else sorted(positive.chunks)}, the negative "
                              f"reference into {sorted(negative_chunks)}.")
-        negative_controls = dict(controls, reference_mode="shared", reference_weights=None)
-        injections.append(build_injection(model, positive.adapter, negative_cache, chunks=negative_chunks,
-                                          cache_role="negative_cache", **negative_controls))
-    hand_to_memory_manager(model, injections)
+        negative_controls = replace(controls, reference_mode="shared", reference_weights=None)
+        injections.append(build_injection(model, positive.adapter, negative_cache, negative_controls, negative_chunks,
+                                          cache_role="negative_cache", **options))
     return injections

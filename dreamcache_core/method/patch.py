@@ -370,69 +370,110 @@ class DreamCacheNorm1Patch:
         return []
 
 
+@dataclass(frozen=True)
+class OutputPlan:
+    """Which rows and tokens of one self-attention output change, and how strongly: the layer's ``LayerPlan``
+    with its device indices (``row_index``: the rows, None = every row; ``tokens``: the region's tokens, None =
+    every token; ``token_rows``: the rows the tokens are written back to) and ``blend``: per-row or per-token
+    strengths [rows, tokens or 1, 1] in a1's dtype, or None when every changed value takes ``layer.strength``.
+    ``n`` is the layer's norm1(x), kept by the attn1 patch."""
+    layer: LayerPlan
+    n: torch.Tensor
+    row_index: Optional[torch.Tensor]
+    tokens: Optional[torch.Tensor]
+    token_rows: Optional[torch.Tensor]
+    blend: Optional[torch.Tensor]
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The planned rows and tokens of ``x`` (a1 or n)."""
+        rows = x if self.row_index is None else x[self.row_index]
+        return rows if self.tokens is None else rows[:, self.tokens]
+
+    def blended(self, a1_part: torch.Tensor, adapted: torch.Tensor) -> torch.Tensor:
+        """a1 + s (adapted - a1) with the planned strengths; a strength of 1 gives ``adapted`` exactly, 0 ``a1``."""
+        if self.blend is not None:  # per-token or per-row strength; lerp at 1 gives adapted exactly
+            return torch.where(self.blend != 0, torch.lerp(a1_part, adapted, self.blend), a1_part)
+        if self.layer.strength != 1.0:
+            return a1_part + self.layer.strength * (adapted - a1_part)
+        return adapted
+
+    def written_back(self, a1: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+        """``a1`` with the planned rows and tokens replaced by ``changed`` (a1 itself is left as it is)."""
+        if self.row_index is None and self.tokens is None:
+            return changed
+        out = a1.clone()
+        if self.tokens is None:
+            out[self.row_index] = changed
+        else:
+            out[self.token_rows[:, None], self.tokens[None, :]] = changed
+        return out
+
+
 class DreamCacheOutputPatch:
     """attn1_output_patch: a1 -> a1 + s * (adapter(n, a1, memory) - a1) on the active rows (and, with a region
-    mask, on the tokens it covers, each with its own s); everything else is returned bit for bit."""
+    mask, on the tokens it covers, each with its own s); everything else is returned bit for bit.
+
+    Each call is a plan (``plan``: which rows and tokens, how strongly; None when nothing changes) and a
+    straight apply (``apply``: memory -> adapter -> blend -> write back)."""
 
     def __init__(self, injection: DreamCacheInjection):
         self.injection = injection
 
     def __call__(self, a1, extra_options):
+        plan = self.plan(a1, extra_options)
+        return a1 if plan is None else self.apply(plan, a1)
+
+    def plan(self, a1, extra_options: dict) -> Optional[OutputPlan]:
+        """The ``OutputPlan`` of this call, or None when it leaves ``a1`` as it is (not a memory layer, no norm1(x)
+        kept, no row active, or a region that covers none of this layer's tokens)."""
         injection = self.injection
         key = injection.memory_layer_of(extra_options)
         if key is None:
-            return a1
+            return None
         n = extra_options.pop(injection.state_key, None)
         if n is None:
-            return a1
+            return None
         if n.shape != a1.shape:
             raise RuntimeError(
                 f"Apply DreamCache: at memory layer {key} another patch changed the self-attention's token layout "
                 f"(norm1(x) {tuple(n.shape)}, attention output {tuple(a1.shape)}) in a way DreamCache cannot nest "
                 "around. Remove that patch from this model, or apply it to a model without DreamCache.")
-        plan = injection.plan(key, a1.shape[0], extra_options)
-        if plan is None:
-            return a1
-        return self.apply(plan, n, a1, extra_options)
-
-    def apply(self, plan: LayerPlan, n, a1, extra_options: dict):
-        """memory -> adapter -> blend -> write back, on the plan's rows (and the region's tokens)."""
-        injection = self.injection
+        layer = injection.plan(key, a1.shape[0], extra_options)
+        if layer is None:
+            return None
         device = a1.device
-        weights, memory_k, memory_v, key_mask = injection.layer_memory(plan.key, device, a1.dtype)
-        row_index = None if plan.every_row else injection.device_index(plan.rows, device)
-        a1_rows = a1 if row_index is None else a1[row_index]
-        n_rows = n if row_index is None else n[row_index]  # n and a1 share a device
+        row_index = None if layer.every_row else injection.device_index(layer.rows, device)
+        tokens, token_rows, blend = None, None, None
+        if injection.region_mask is not None:
+            token_weights, covered = self.region_token_weights(a1, layer, extra_options)
+            if not covered:
+                return None
+            tokens = injection.device_index(covered, device)
+            token_rows = injection.device_index(range(layer.batch) if row_index is None else layer.rows, device)
+            token_weights = token_weights[:, tokens] * self.row_strength_column(layer, token_weights)
+            blend = token_weights.to(a1.dtype).unsqueeze(-1)
+        elif layer.row_strengths is not None:
+            blend = self.row_strength_column(layer, a1)[:, :, None].to(a1.dtype)
+        return OutputPlan(layer, n, row_index, tokens, token_rows, blend)
+
+    def apply(self, plan: OutputPlan, a1):
+        """memory -> adapter -> blend -> write back, on the plan's rows and tokens."""
+        weights, memory_k, memory_v, key_mask = self.memory_of_rows(plan.layer, a1)
+        a1_part, n_part = plan.select(a1), plan.select(plan.n)
+        adapted = self.injection.adapter.layer(plan.layer.key)(n_part, a1_part, memory_k, memory_v, key_mask=key_mask,
+                                                              weights=weights, attention=self.injection.attention)
+        return plan.written_back(a1, plan.blended(a1_part, adapted))
+
+    def memory_of_rows(self, layer: LayerPlan, a1) -> tuple:
+        """(weights, memory keys, memory values, key mask) of the layer for the planned rows: every reference, or
+        with one reference per image each row's own."""
+        injection = self.injection
+        weights, memory_k, memory_v, key_mask = injection.layer_memory(layer.key, a1.device, a1.dtype)
         if injection.reference_mode == "per_image" and memory_k.shape[0] > 1:
-            pick = injection.device_index(self.image_of_rows(plan, memory_k.shape[0]), memory_k.device)
+            pick = injection.device_index(self.image_of_rows(layer, memory_k.shape[0]), memory_k.device)
             memory_k, memory_v = memory_k[pick], memory_v[pick]
             key_mask = None if key_mask is None else key_mask[pick]
-        tokens, blend = None, None
-        if injection.region_mask is not None:
-            token_weights, covered = self.region_token_weights(a1, plan, extra_options)
-            if not covered:
-                return a1
-            tokens = injection.device_index(covered, device)
-            token_weights = token_weights[:, tokens] * self.row_strength_column(plan, token_weights)
-            a1_rows, n_rows = a1_rows[:, tokens], n_rows[:, tokens]
-            blend = token_weights.to(a1.dtype).unsqueeze(-1)
-        elif plan.row_strengths is not None:
-            blend = self.row_strength_column(plan, a1)[:, :, None].to(a1.dtype)
-        adapted = injection.adapter.layer(plan.key)(n_rows, a1_rows, memory_k, memory_v, key_mask=key_mask,
-                                                   weights=weights, attention=injection.attention)
-        if blend is not None:  # per-token or per-row strength; lerp at 1 gives adapted exactly
-            adapted = torch.where(blend != 0, torch.lerp(a1_rows, adapted, blend), a1_rows)
-        elif plan.strength != 1.0:
-            adapted = a1_rows + plan.strength * (adapted - a1_rows)
-        if row_index is None and tokens is None:
-            return adapted
-        out = a1.clone()
-        if tokens is None:
-            out[row_index] = adapted
-        else:
-            rows_of = injection.device_index(range(plan.batch) if row_index is None else plan.rows, device)
-            out[rows_of[:, None], tokens[None, :]] = adapted
-        return out
+        return weights, memory_k, memory_v, key_mask
 
     def row_strength_column(self, plan: LayerPlan, like: torch.Tensor) -> torch.Tensor:
         """[rows, 1] float32 strengths of the plan's rows on ``like``'s device (a host-to-device copy)."""

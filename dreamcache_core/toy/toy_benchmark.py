@@ -39,13 +39,27 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ..training.reference_gap import TIMESTEP_BANDS as BANDS
+from ..training.reference_gap import TIMESTEP_BANDS as BANDS, reference_gap
+from . import toy_world as tw
+from ..comfy_bridge import ensure_comfyui, build_injection, attach_injection
+from ..comfy_bridge.models import model_from_unet_config, save_unet_weights, read_unet_config
+from ..comfy_bridge.sampling import ksampler_sample, prepare_noise
+from ..io.adapter_io import load_adapter
+from ..io.image_files import save_png
+from ..method.cache import combine_caches
+from ..method.controls import Controls
+from ..method.patch import POSITIVE_CHUNK
+from ..training.train import main as train_main
+from ..training.training_data import PrecomputedStore, PreparedSample, SpecialInputs, generator_for
+from ..training.training_loss import LossRow, denoising_losses, sigma_of_timestep
+from ..training.training_sources import StoreSource, precompute
 
 BASE_RECIPE_VERSION = 2
 TARGET_NAMES = {"eps": "mean squared epsilon error (the base's own target: an epsilon-prediction base)",
@@ -62,9 +76,6 @@ def log(message):
 # --------------------------------------------------------------------------
 
 def build_store(path, subjects, count, salt, text_encoder, image_encoder, world=None):
-    from . import toy_world as tw
-    from ..training.training_data import PrecomputedStore, PreparedSample, SpecialInputs, generator_for
-
     store = PrecomputedStore(path)
     labels = []
     for index in range(count):
@@ -91,9 +102,6 @@ def load_all(store):
 # --------------------------------------------------------------------------
 
 def pretrain_base(model, samples, special, steps, batch_size, lr, seed):
-    from ..training.training_data import generator_for
-    from ..training.training_loss import LossRow, denoising_losses, sigma_of_timestep
-
     unet = model.model.diffusion_model
     unet.requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
@@ -143,8 +151,6 @@ class AttributeClassifier(torch.nn.Module):
 
 
 def train_classifier(latents, shapes, colours, steps=600, seed=0):
-    from . import toy_world as tw
-
     torch.manual_seed(seed)
     classifier = AttributeClassifier(len(tw.SHAPES), len(tw.COLOURS))
     optimizer = torch.optim.Adam(classifier.parameters(), lr=3e-3)
@@ -161,16 +167,12 @@ def train_classifier(latents, shapes, colours, steps=600, seed=0):
 
 
 def labels_of(subjects):
-    from . import toy_world as tw
-
     colour_names = list(tw.COLOURS)
     return (torch.tensor([tw.SHAPES.index(s.shape) for s in subjects]),
             torch.tensor([colour_names.index(s.colour) for s in subjects]))
 
 
 def ksample(model, positive, negative, batch, seed, steps=20, cfg=3.0):
-    from ..comfy_bridge.sampling import ksampler_sample, prepare_noise
-
     latent = torch.zeros(batch, 4, 8, 8)
     return ksampler_sample(model, prepare_noise(latent, seed), steps, cfg, "euler", "normal", positive, negative,
                            latent, seed)
@@ -184,9 +186,6 @@ def accuracy(classifier, latents, shapes, colours):
 
 
 def save_grid(latents, path, columns=8):
-    from . import toy_world as tw
-    from ..io.image_files import save_png
-
     encoder = tw.ToyImageEncoder()
     images = [encoder.decode(latent) for latent in latents]
     rows = math.ceil(len(images) / columns)
@@ -216,14 +215,10 @@ def shuffled_partner(labels):
 
 def evaluate(model, adapter, samples, caches, partner, per_band=2, batch=48):
     """Matched / shuffled / no-adapter losses per band on the same (sample, t, noise): the shared measure."""
-    from ..training.reference_gap import reference_gap
-
     return reference_gap(model, adapter, samples, caches, partner, per_band, batch)
 
 
 def table(per_seed):
-    import statistics
-
     lines = ["| noise band | matched reference | shuffled reference | no adapter | shuffled - matched (gap) | "
              "gap / shuffled | seed spread (max-min) of matched / shuffled |",
              "|---|---|---|---|---|---|---|"]
@@ -276,9 +271,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     world = {"min_scale": args.subject_scale[0], "max_scale": args.subject_scale[1], "period": args.texture_period}
 
-    from . import toy_world as tw
-    from ..comfy_bridge import ensure_comfyui
-
     ensure_comfyui(args.comfyui, cpu=True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -299,7 +291,6 @@ def main(argv=None) -> int:
     log(f"[2/5] pretraining the base U-Net ({args.prediction} prediction, {args.base_steps} steps of "
         f"{args.batch_size}) [{time.perf_counter() - started:.0f} s]")
     base_started = time.perf_counter()
-    from ..comfy_bridge.models import model_from_unet_config, save_unet_weights
 
     unet_config = tw.toy_unet_config(context_dim=32)
     weights = os.path.join(args.out, "toy_base_unet.safetensors")
@@ -314,8 +305,6 @@ def main(argv=None) -> int:
         with open(config_path) as handle:
             cached = json.load(handle).get("recipe")
     if cached == json.loads(json.dumps(recipe)):
-        from ..comfy_bridge.models import read_unet_config
-
         model = model_from_unet_config(*read_unet_config(config_path), weights, device="cpu")
         base_reused = True
         log(f"  reusing the base pretrained by an earlier run with the same recipe: {weights} "
@@ -349,17 +338,12 @@ def main(argv=None) -> int:
         f"(chance {1 / len(tw.SHAPES):.0%}); grid: {os.path.join(args.out, 'base_samples.png')}")
 
     log(f"[3/5] reference caches with the Encode code [{time.perf_counter() - started:.0f} s]")
-    from ..training.training_data import PrecomputedStore
-    from ..training.training_sources import StoreSource, precompute
 
     train_cached = os.path.join(args.out, "train_store")
     precompute(StoreSource(train_store), train_cached, model, caches=True, progress=False, log=log)
     eval_cached = precompute(StoreSource(eval_store), os.path.join(args.out, "eval_store"), model, caches=True,
                              progress=False, log=log)
     eval_caches = [eval_cached.read_sample(i).cache for i in range(len(eval_cached))]
-
-    from ..io.adapter_io import load_adapter
-    from ..training.train import main as train_main
 
     per_seed = []
     commands = []
@@ -380,17 +364,14 @@ def main(argv=None) -> int:
             first_adapter = adapter
 
     # Samples with Apply DreamCache + KSampler on held-out subjects: does the colour follow the reference?
-    from ..method.cache import combine_caches
-    from ..method.injection import build_injection
-    from ..comfy_bridge import attach_injection
-    from ..method.patch import POSITIVE_CHUNK
 
     count = min(len(eval_samples), 48)
     cache = combine_caches(eval_caches[:count])
     positive = [[torch.stack([s.text_cond for s in eval_samples[:count]]), {}]]
     negative = [[special.empty_cond[None].expand(count, -1, -1), {}]]
     # what Apply DreamCache builds ("positive only", "one reference per image")
-    injection = build_injection(model, first_adapter, cache, 1.0, chunks=(POSITIVE_CHUNK,), reference_mode="per_image")
+    injection = build_injection(model, first_adapter, cache, Controls(strength=1.0, reference_mode="per_image"),
+                                (POSITIVE_CHUNK,))
     personalised = attach_injection(model.clone(), injection)
     with_reference = ksample(personalised, positive, negative, count, seed=2)
     without = ksample(model, positive, negative, count, seed=2)

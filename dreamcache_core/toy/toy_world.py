@@ -10,25 +10,23 @@ The reference of an image is built the BootPIG way with the dataset builder's
 own functions: the subject is cut onto white (``cut_subject_on_white``) and
 augmented (``dataset.augment_reference``).
 
-There is no VAE: ``ToyImageEncoder`` is a fixed, deterministic "encoder" to a
-4-channel latent at 1/4 resolution: per 4 x 4 pixel patch, channels 0-2 are an
-orthonormal mix of the mean RGB (luminance and two colour differences) and
-channel 3 is the patch's luminance standard deviation (texture energy); all
-are divided by the SD1.5 latent scale factor (0.18215) so that ComfyUI's
-``process_latent_in`` brings them to unit-ish scale, as for real VAE latents.
-``ToyImageEncoder.decode`` inverts channels 0-2 for viewing. ``ToyTextEncoder``
-maps each word to a fixed pseudo-random vector (seeded by the word).
+There is no VAE and no text encoder: the world is encoded by ``ToyImageEncoder``
+(a fixed, deterministic 4-channel latent at 1/4 resolution) and ``ToyTextEncoder``
+(a fixed pseudo-random vector per word), which live in ``training.toy_encoders``
+(where ``train --toy-encoders`` finds them) and are part of this module's world.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..training.toy_encoders import ToyImageEncoder, ToyTextEncoder  # noqa: F401 (the world's encoders)
 from ..training.training_data import generator_for
+from ..masking.reference_mask import cut_subject_on_white
+from ..training.dataset import AugmentSettings, augment_reference
 
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
 COLOURS = {
@@ -36,10 +34,6 @@ COLOURS = {
     "magenta": (0.90, 0.10, 0.80), "cyan": (0.10, 0.85, 0.90), "orange": (0.98, 0.50, 0.05), "purple": (0.50, 0.10, 0.70),
 }
 TEXTURES = ("solid", "hstripes", "vstripes", "checker")
-SD15_SCALE = 0.18215
-_MIX = torch.tensor([[1 / math.sqrt(3)] * 3,
-                     [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
-                     [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]])
 
 
 @dataclass(frozen=True)
@@ -146,53 +140,10 @@ def render(subject: Subject, generator: torch.Generator, size: int = 32, min_sca
 
 def make_reference(image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, size: int = 32):
     """The BootPIG reference: subject cut onto white, then augmented (the dataset builder's code)."""
-    from ..training.dataset import AugmentSettings, augment_reference
-    from ..masking.reference_mask import cut_subject_on_white
-
     cut_image, cut_mask = cut_subject_on_white(image, mask, size, margin=0.12)
     return augment_reference(cut_image, cut_mask, generator, AugmentSettings(scale_range=(0.8, 1.0),
                                                                               shift_fraction=0.06,
                                                                               max_rotation_degrees=10.0))
-
-
-class ToyImageEncoder:
-    """The fixed toy "VAE": [H, W, 3] in 0..1 -> [4, H/4, W/4] (see the module docstring)."""
-
-    def __init__(self, downsample: int = 4):
-        self.downsample = downsample
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        planar = (image.float() * 2 - 1).permute(2, 0, 1)[None]
-        mean = F.avg_pool2d(planar, self.downsample)[0]                      # [3, h, w]
-        colour = torch.einsum("ij,jhw->ihw", _MIX, mean)
-        luminance = planar.mean(dim=1, keepdim=True)
-        energy = (F.avg_pool2d(luminance ** 2, self.downsample) - F.avg_pool2d(luminance, self.downsample) ** 2)
-        texture = 4.0 * energy.clamp_min(0).sqrt()[0]
-        return torch.cat([colour, texture], dim=0) / SD15_SCALE
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """[4, h, w] -> [h*ds, w*ds, 3] (colour channels only, nearest upsampling), for viewing."""
-        colour = torch.einsum("ji,jhw->ihw", _MIX, latent[:3].float() * SD15_SCALE)
-        image = ((colour + 1) / 2).clamp(0, 1)
-        return F.interpolate(image[None], scale_factor=self.downsample, mode="nearest")[0].permute(1, 2, 0)
-
-
-class ToyTextEncoder:
-    """caption -> ([length, dim] embedding, None): BOS + one fixed random vector per word + padding."""
-
-    def __init__(self, dim: int = 32, length: int = 4):
-        self.dim = dim
-        self.length = length
-
-    def word(self, word: str) -> torch.Tensor:
-        vector = torch.randn(self.dim, generator=generator_for("toy-word", word))
-        return vector / vector.norm() * math.sqrt(self.dim)
-
-    def __call__(self, caption: str):
-        words = [w for w in caption.lower().replace(",", " ").split() if w][: self.length - 1]
-        vectors = [self.word("<bos>")] + [self.word(w) for w in words]
-        vectors += [self.word("<pad>")] * (self.length - len(vectors))
-        return torch.stack(vectors), None
 
 
 def toy_unet_config(context_dim: int = 32, model_channels: int = 32, channel_mult=(1, 2, 2),

@@ -17,6 +17,10 @@ from __future__ import annotations
 import json
 import os
 
+from .authors_layout import is_authors_layout, AuthorsLayout
+from .sharded_manifest import INDEX_FILE, is_sharded, ShardedManifest
+from .training_data import PrecomputedStore, read_manifest
+
 DATA_FORMATS = ("auto", "manifest", "sharded", "store", "authors", "subjects200k")
 AUGMENTED_BY_DEFAULT = ("authors", "subjects200k")
 PARQUET_SEARCH_DEPTH = 2  # folders below --data searched for parquet files when telling formats apart
@@ -24,8 +28,6 @@ PARQUET_SEARCH_DEPTH = 2  # folders below --data searched for parquet files when
 
 def sharded_index(path: str) -> dict:
     """The index.json of a sharded folder (or the file itself) as a dict; {} when there is none."""
-    from .sharded_manifest import INDEX_FILE, is_sharded
-
     if not is_sharded(path):
         return {}
     index = os.path.join(path, INDEX_FILE) if os.path.isdir(path) else path
@@ -50,9 +52,6 @@ def holds_parquet(path: str, depth: int = PARQUET_SEARCH_DEPTH) -> bool:
 
 def detect_data_format(path: str) -> str:
     """One of DATA_FORMATS (not ``auto``) for ``path``, or a ValueError saying what --data can be."""
-    from .authors_layout import is_authors_layout
-    from .training_data import PrecomputedStore
-
     index = sharded_index(path)
     if index:
         return "subjects200k" if index.get("source") == "subjects200k" else "sharded"
@@ -83,14 +82,9 @@ def raw_subjects200k_error(path: str) -> ValueError:
 
 def open_manifest(path: str, data_format: str, min_quality=None, log=print):
     """The manifest-like object (``rows``, ``skipped``, ``report()``) of a non-store ``path`` of ``data_format``."""
-    from .sharded_manifest import ShardedManifest
-    from .training_data import read_manifest
-
     if data_format == "manifest":
         return read_manifest(path)
     if data_format == "authors":
-        from .authors_layout import AuthorsLayout
-
         return AuthorsLayout(path, log)
     if data_format in ("sharded", "subjects200k"):
         index = sharded_index(path)

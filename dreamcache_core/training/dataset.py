@@ -37,7 +37,10 @@ import torch
 import torch.nn.functional as F
 
 from ..io.image_files import IMAGE_EXTENSIONS, check_image_file, load_image, load_mask, save_png
+from ..masking.sam_segmenter import SamSegmenter
 from .training_data import ManifestRow, generator_for, read_manifest, write_manifest
+from ..comfy_bridge.model_files import resolve_model_file
+from ..masking.reference_mask import EmptyMaskError, resize_mask, cut_subject_on_white
 
 
 # --------------------------------------------------------------------------
@@ -145,8 +148,6 @@ def build_dataset(images_dir: str, out_dir: str, captions_csv: Optional[str] = N
                   augment: AugmentSettings = AugmentSettings(), manifest_name: str = "manifest.jsonl",
                   log=print) -> BuildReport:
     """Build ``<out_dir>/<manifest_name>`` and the references; see the module docstring."""
-    from ..masking.reference_mask import EmptyMaskError, resize_mask
-
     captions = read_captions_csv(captions_csv) if captions_csv else {}
     report = BuildReport()
     reference_dir = os.path.join(out_dir, "references")
@@ -204,8 +205,6 @@ def add_references(report: BuildReport, target_path: str, image: torch.Tensor, m
     ("augment", seed, stem, k). Raises ``reference_mask.EmptyMaskError`` when the mask is empty; returns the
     number of rows added (a reference whose subject left the frame is listed as skipped instead).
     """
-    from ..masking.reference_mask import cut_subject_on_white
-
     name = os.path.basename(target_path)
     stem = os.path.splitext(name)[0]
     cut_image, cut_mask = cut_subject_on_white(image, mask, reference_size, margin)
@@ -234,14 +233,6 @@ def write_report(report: BuildReport, out_dir: str, manifest_name: str = "manife
         handle.write("".join(f"{name}\t{reason}\n" for name, reason in report.skipped))
 
 
-def sam_segmenter(path: str, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
-    """A segmenter (image [H, W, 3] -> mask [H, W]) from a SAM checkpoint file."""
-    from ..masking.sam_segmenter import build_sam_from_state_dict, load_sam_checkpoint, segment_subject
-
-    model = build_sam_from_state_dict(load_sam_checkpoint(path)).to(device)
-    return lambda image: segment_subject(model, image)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dreamcache_core.training.dataset", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -266,10 +257,9 @@ def main(argv=None) -> int:
             print(manifest.report())
             return 0 if manifest.rows else 1
         if args.sam:  # a path, or a name in ComfyUI's models/sams
-            from ..comfy_bridge.model_files import resolve_model_file
 
             args.sam = resolve_model_file(args.sam, "sam")
-        segmenter = sam_segmenter(args.sam, args.sam_device) if args.sam else None
+        segmenter = SamSegmenter(args.sam, args.sam_device) if args.sam else None
         report = build_dataset(args.images, args.out, args.captions, segmenter, args.mask_suffix,
                                args.references_per_image, args.reference_size, args.margin, args.seed,
                                manifest_name=args.manifest_name)

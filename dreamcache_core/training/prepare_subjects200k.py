@@ -40,8 +40,10 @@ from ..masking.subject_filters import Detection, FilterSettings, mask_fraction, 
 from .sharded_manifest import shard_name
 from .subjects200k import QUALITY_KEYS, QUALITY_MAX, BadRow, decode_picture, iter_rows, split_views, survey
 from .synthesize import (KEPT, ShardState, add_segmentation_arguments, finish_shard, owns_shard, rank_and_world,
-                         read_shard_summary, row_id, shard_of, write_index_if_complete)
+                         read_shard_summary, row_id, shard_of, write_index_if_complete, make_segmenter)
 from .training_data import UnusableRow
+from ..io.image_files import save_png
+from ..masking.reference_mask import EmptyMaskError, cut_subject_on_white
 
 SETTINGS_FILE = "prepare.json"
 SETTINGS_FORMAT = "dreamcache-subjects200k-preparation"
@@ -126,9 +128,6 @@ def reason_and_detail(text: str) -> tuple:
 
 def row_outcome(row, shard_dir: str, settings: PreparationSettings, segment: Callable) -> dict:
     """Segment, filter and write one parquet row; returns its progress record (see ``synthesize``)."""
-    from ..io.image_files import save_png
-    from ..masking.reference_mask import EmptyMaskError, cut_subject_on_white
-
     if isinstance(row, BadRow):
         return skipped(row.number, *reason_and_detail(row.reason))
     number = row.number
@@ -318,8 +317,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_preparation(argv: list, segmenter=None, log: Optional[Callable] = None) -> PreparationSummary:
     """The command; tests pass a ``segmenter`` instead of model files."""
-    from .synthesize import make_segmenter
-
     args = build_parser().parse_args(argv)
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     segmenter_info = {"kind": "given by the caller"}

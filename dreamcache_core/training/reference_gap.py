@@ -18,6 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .training_data import generator_for
+from .training_loss import LossRow, denoising_losses, sigma_of_timestep
+
 TIMESTEP_BANDS = (("low", 0, 332), ("mid", 333, 665), ("high", 666, 999))
 GAP_MODES = ("matched", "shuffled", "none")
 
@@ -48,9 +51,6 @@ def reference_gap(model_patcher, adapter, samples: Sequence, caches: Sequence, p
     caches[i]: sample i's reference cache; partner[i]: the sample whose cache is sample i's shuffled
     reference. "all" is the mean of the three bands. No gradients.
     """
-    from .training_data import generator_for
-    from .training_loss import LossRow, denoising_losses, sigma_of_timestep
-
     unknown = [m for m in modes if m not in GAP_MODES]
     if unknown:
         raise ValueError(f"Unknown gap mode(s) {unknown}; use {GAP_MODES}.")

@@ -50,9 +50,18 @@ from typing import Callable, Optional
 
 import torch
 
+from ..comfy_bridge.pipeline import Sampler, load_pipeline
+from ..io.file_hashes import file_sha256
 from .sharded_manifest import SHARD_MANIFEST, shard_name, write_index
 from ..masking.subject_filters import EMPTY_MASK, REASONS, Detection, FilterSettings, mask_fraction, rejection
-from .synthetic_captions import CaptionRow, CaptionsFileError, count_captions, read_captions, write_captions
+from .synthetic_captions import (CaptionRow, CaptionsFileError, count_captions, read_captions, write_captions,
+                                 distinct_object_count)
+from ..comfy_bridge import ensure_comfyui
+from ..comfy_bridge.model_files import resolve_model_file
+from ..io.image_files import check_image_file, save_png, load_image
+from ..masking.reference_mask import EmptyMaskError
+from ..masking.text_segmenter import AutomaticSam, GroundedSam
+from .dataset import BuildReport, write_report, add_references
 
 SETTINGS_FILE = "synthesis.json"
 SETTINGS_FORMAT = "dreamcache-synthesis"
@@ -144,8 +153,6 @@ def row_seed(settings: SynthesisSettings, number: int) -> int:
 # --------------------------------------------------------------------------
 
 def image_is_valid(path: str) -> bool:
-    from ..io.image_files import check_image_file
-
     return check_image_file(path, "image") is None
 
 
@@ -177,8 +184,6 @@ def outcome_is_intact(outcome: dict, shard_dir: str) -> bool:
 
 def finish_shard(shard_dir: str, outcomes: dict, numbers: range) -> dict:
     """Write the shard's manifest.jsonl, skipped.txt and shard.json from its outcomes (in row order)."""
-    from .dataset import BuildReport, write_report
-
     report = BuildReport()
     counts = Counter()
     for number in numbers:
@@ -227,8 +232,6 @@ def missing_shards(out_dir: str, total: int, shard_size: int) -> list:
 
 def check_settings(out_dir: str, settings: SynthesisSettings, captions_path: str, total: int) -> None:
     """Write synthesis.json, or refuse when the folder was started with other settings or captions."""
-    from ..evaluation.generate import file_sha256
-
     record = {"format": SETTINGS_FORMAT, "settings": json.loads(json.dumps(asdict(settings))),
               "captions": {"rows": total, "sha256": file_sha256(captions_path)}}
     path = os.path.join(out_dir, SETTINGS_FILE)
@@ -260,8 +263,6 @@ def target_path(shard_dir: str, number: int) -> str:
 
 
 def save_target(image: torch.Tensor, path: str, row: CaptionRow, seed: int) -> None:
-    from ..io.image_files import save_png
-
     save_png(image, path, {"dreamcache": {"caption": row.caption, "noun": row.noun, "seed": seed,
                                           "row": row.number}})
 
@@ -269,9 +270,6 @@ def save_target(image: torch.Tensor, path: str, row: CaptionRow, seed: int) -> N
 def row_outcome(row: CaptionRow, image: torch.Tensor, detection: Detection, shard_dir: str,
                 settings: SynthesisSettings) -> dict:
     """Filter the detection and, when it is kept, write the augmented references; returns the progress record."""
-    from .dataset import BuildReport, add_references
-    from ..masking.reference_mask import EmptyMaskError
-
     record = {"number": row.number, "id": row_id(row.number), "seed": row_seed(settings, row.number),
               "noun": row.noun, "score": detection.score,
               "mask_fraction": None if detection.mask is None else round(mask_fraction(detection.mask), 6)}
@@ -361,7 +359,6 @@ def synthesize(captions_path: str, out_dir: str, render: Callable, segment: Call
         nonlocal new_rows
         if not pending:
             return
-        from ..io.image_files import load_image
 
         missing = [row for row in pending if not image_is_valid(target_path(state.dir, row.number))]
         if missing:
@@ -448,12 +445,11 @@ def batched_conditioning(conditionings: list):
 
 
 class PipelineRenderer:
-    """Renders captions with ``generate``'s Pipeline and Sampler (guidance off: the plain base model)."""
+    """Renders captions with generation's Pipeline and Sampler (``comfy_bridge.pipeline``; guidance off: the plain
+    base model)."""
 
     def __init__(self, pipeline, width: int = 1024, height: int = 1024, steps: int = 25, cfg: float = 3.5,
                  sampler: str = "euler", scheduler: str = "normal", negative: str = ""):
-        from ..evaluation.generate import Sampler
-
         for name, value in (("width", width), ("height", height)):
             if value % 8 or value < 64:
                 raise ValueError(f"--{name} must be a multiple of 8, at least 64 (got {value}).")
@@ -532,8 +528,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_segmenter(args):
-    from ..masking.text_segmenter import AutomaticSam, GroundedSam
-
     if args.detector:
         if not args.segmenter:
             raise ValueError("--detector needs --segmenter, the transformers SAM folder that cuts the detected box out.")
@@ -543,8 +537,6 @@ def make_segmenter(args):
     if args.segmenter:
         raise ValueError("--segmenter is prompted by the detector's boxes: give --detector too, or --sam alone.")
     if args.sam:
-        from ..comfy_bridge.model_files import resolve_model_file
-
         args.sam = resolve_model_file(args.sam, "sam", args.comfyui)
         return AutomaticSam(args.sam, args.device), {"kind": "segment-anything automatic prompt",
                                                      "sam": os.path.abspath(args.sam)}
@@ -553,7 +545,7 @@ def make_segmenter(args):
 
 
 def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Callable] = None) -> Summary:
-    """The main command; tests pass a ``pipeline`` (generate.Pipeline) and/or a ``segmenter`` instead of files."""
+    """The main command; tests pass a ``pipeline`` (comfy_bridge.pipeline.Pipeline) and/or a ``segmenter`` instead of files."""
     args = build_parser().parse_args(argv)
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     if not os.path.isfile(args.captions):
@@ -564,13 +556,9 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
         segmenter, segmenter_info = make_segmenter(args)
     checkpoint_info = None
     if pipeline is None:
-        from ..comfy_bridge import ensure_comfyui
-        from ..evaluation.generate import load_pipeline
-
         if not args.checkpoint:
             raise ValueError("Give the base that renders the targets: --checkpoint FILE (SDXL, SD1.5, ...).")
         ensure_comfyui(args.comfyui, cpu=args.cpu)
-        from ..comfy_bridge.model_files import resolve_model_file
 
         args.checkpoint = resolve_model_file(args.checkpoint, "checkpoint", args.comfyui)
         checkpoint_info = os.path.abspath(args.checkpoint)
@@ -588,8 +576,6 @@ def run_synthesis(argv: list, pipeline=None, segmenter=None, log: Optional[Calla
 
 
 def captions_command(argv: list) -> int:
-    from .synthetic_captions import distinct_object_count
-
     p = argparse.ArgumentParser(prog="python -m dreamcache_core.training.synthesize captions",
                                 description="Write a captions file of generated object-in-context captions.")
     p.add_argument("--count", type=int, required=True)

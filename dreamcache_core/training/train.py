@@ -46,9 +46,21 @@ import sys
 
 import torch
 
-from .data_formats import AUGMENTED_BY_DEFAULT, DATA_FORMATS
-from .reference_augmentation import AUGMENT_MODES
-from .training_loop import OPTIMIZERS, DistributedInfo, TrainConfig
+from ..io.prompt_files import read_prompts_file
+from .data_formats import AUGMENTED_BY_DEFAULT, DATA_FORMATS, detect_data_format, open_manifest
+from .reference_augmentation import AUGMENT_MODES, AuthorsAugmentation, augmentation_settings
+from .toy_encoders import ToyImageEncoder, ToyTextEncoder
+from .training_loop import OPTIMIZERS, DistributedInfo, TrainConfig, AdapterTrainer, latest_checkpoint
+from ..comfy_bridge import ensure_comfyui
+from ..comfy_bridge.model_files import adapter_install_target, install_adapter, resolve_model_file
+from ..comfy_bridge.models import DTYPES, model_from_unet_config, read_unet_config, load_checkpoint
+from ..io.adapter_io import load_adapter
+from ..method.adapter import build_adapter
+from ..method.layers import discover_memory_layers, model_signature
+from .training_data import PrecomputedStore
+from .training_sources import (ComfyImageEncoder, ComfyTextEncoder, ManifestSource, StoreSource, ComfyImageDecoder,
+                               precompute)
+from .validation import ValidationSettings, Validator
 
 DEFAULT_AUGMENT_VARIANTS = 4
 
@@ -158,10 +170,7 @@ def load_model(args):
     if bool(args.checkpoint) == bool(args.unet_config):
         raise ValueError("Give exactly one of --checkpoint (a real model) and --unet-config (a test/toy U-Net).")
     if args.checkpoint:
-        from ..comfy_bridge.models import load_checkpoint
-
         return load_checkpoint(args.checkpoint, args.unet_dtype)
-    from ..comfy_bridge.models import DTYPES, model_from_unet_config, read_unet_config
 
     unet_config, prediction = read_unet_config(args.unet_config)
     dtype = DTYPES.get(args.unet_dtype, torch.float32)
@@ -171,11 +180,6 @@ def load_model(args):
 
 def make_source(args, clip, vae, log=print):
     """(source, manifest or None); also settles ``args.augment`` and ``args.caption_dropout`` for the data."""
-    from .data_formats import detect_data_format, open_manifest
-    from .reference_augmentation import AuthorsAugmentation, augmentation_settings
-    from .training_data import PrecomputedStore
-    from .training_sources import ComfyImageEncoder, ComfyTextEncoder, ManifestSource, StoreSource
-
     use_masks = not args.no_masks
     data_format = detect_data_format(args.data) if args.data_format == "auto" else args.data_format
     if data_format == "store":
@@ -195,8 +199,6 @@ def make_source(args, clip, vae, log=print):
     settle_caption_dropout(args, args.augment == "authors")
     manifest = open_manifest(args.data, data_format, args.min_quality, log)
     if args.toy_encoders:
-        from ..toy.toy_world import ToyImageEncoder, ToyTextEncoder
-
         image_encoder, text_encoder = ToyImageEncoder(), ToyTextEncoder()
     else:
         if vae is None or clip is None:
@@ -212,8 +214,6 @@ def make_source(args, clip, vae, log=print):
 
 
 def settle_caption_dropout(args, augmented: bool) -> None:
-    from .reference_augmentation import AuthorsAugmentation
-
     if args.caption_dropout is None:
         args.caption_dropout = AuthorsAugmentation.empty_caption_p if augmented else 0.05
 
@@ -242,7 +242,6 @@ def make_validator(args, model, clip, vae, log):
         raise ValueError("--validation-every needs --validation-data (held-out samples in any --data format).")
     if args.validation_steps < 1:
         raise ValueError("--validation-steps must be at least 1.")
-    from .validation import ValidationSettings, Validator
 
     # the held-out data's own format decides how its references are prepared (never augmented: fixed references)
     held_out_args = argparse.Namespace(**{**vars(args), "data": args.validation_data, "data_format": "auto",
@@ -252,16 +251,10 @@ def make_validator(args, model, clip, vae, log):
         log(held_out_manifest.report())
     prompts = None
     if args.validation_prompts:
-        from ..evaluation.generate import read_prompts_file
-
         prompts = read_prompts_file(args.validation_prompts)
     if args.toy_encoders:
-        from ..toy.toy_world import ToyImageEncoder, ToyTextEncoder
-
         decode, text_encoder = ToyImageEncoder().decode, ToyTextEncoder()
     else:
-        from .training_sources import ComfyImageDecoder, ComfyTextEncoder
-
         decode = ComfyImageDecoder(vae) if vae is not None else None
         text_encoder = ComfyTextEncoder(clip) if clip is not None else None
     settings = ValidationSettings(every=args.validation_every, count=args.validation_count, prompts=prompts,
@@ -271,11 +264,9 @@ def make_validator(args, model, clip, vae, log):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ..comfy_bridge import ensure_comfyui
 
     distributed = setup_distributed(args.cpu)
     ensure_comfyui(args.comfyui, cpu=args.cpu)
-    from ..comfy_bridge.model_files import adapter_install_target, install_adapter, resolve_model_file
 
     args.checkpoint = resolve_model_file(args.checkpoint, "checkpoint", args.comfyui)
     args.init_adapter = resolve_model_file(args.init_adapter, "adapter", args.comfyui)
@@ -295,9 +286,6 @@ def main(argv=None) -> int:
                          "without --precompute every draw is augmented afresh.")
     validator = make_validator(args, model, clip, vae, log) if distributed.is_main else None
     if args.precompute:
-        from .training_data import PrecomputedStore
-        from .training_sources import StoreSource, precompute
-
         precompute(source, args.precompute, model, args.precompute_caches, distributed.rank, distributed.world_size,
                    not args.no_progress, log, augment_variants(args, source))
         report_skips(source, log)
@@ -309,11 +297,6 @@ def main(argv=None) -> int:
     elif args.precompute_only:
         raise ValueError("--precompute-only needs --precompute DIR.")
     del clip, vae
-
-    from ..method.adapter import build_adapter
-    from ..io.adapter_io import load_adapter
-    from ..method.layers import discover_memory_layers, model_signature
-    from .training_loop import AdapterTrainer, latest_checkpoint
 
     unet = model.model.diffusion_model
     adapter = build_adapter(discover_memory_layers(unet), model_signature(unet), seed=args.seed)

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.image_files import check_image_file, load_mask
+from ..method.cache import DreamCache
 
 MANIFEST_FIELDS = ("target", "reference", "reference_mask", "caption", "id")
 REQUIRED_FIELDS = ("target", "reference", "caption")
@@ -371,8 +372,6 @@ def _cache_tensors(cache, prefix="cache.") -> dict:
 
 
 def _cache_from_tensors(tensors: dict, metadata: dict, prefix="cache."):
-    from ..method.cache import DreamCache
-
     features = {k[len(prefix + "features."):]: v for k, v in tensors.items() if k.startswith(prefix + "features.")}
     if not features:
         return None

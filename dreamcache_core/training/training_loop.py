@@ -38,10 +38,13 @@ from typing import Callable, Optional
 import torch
 
 from ..io.adapter_io import load_adapter, save_adapter
+from ..io.memory_probes import proc_status_bytes
 from .training_data import SampleDraw, draw_sample
 from .reference_gap import GAP_FIELDS, TIMESTEP_BANDS, band_index
 from .training_loss import LossRow, denoising_losses, gradient_checkpointing, sigma_of_timestep
 from .training_sources import null_reference_cache, reference_cache
+from ..comfy_bridge import comfy_memory_attention
+from ..method.adapter import check_adapter_fits
 
 CHECKPOINT_DIR = "checkpoints"
 FINAL_NAME = "dreamcache_adapter.safetensors"
@@ -159,9 +162,6 @@ class AdapterTrainer:
 
     def __init__(self, model_patcher, adapter, source, config: TrainConfig, distributed: Optional[DistributedInfo] = None,
                  attention=None, log: Callable[[str], None] = print, validator=None):
-        from ..method.adapter import check_adapter_fits
-        from ..comfy_bridge import comfy_memory_attention
-
         self.model = model_patcher
         self.unet = model_patcher.model.diffusion_model
         check_adapter_fits(adapter, self.unet)
@@ -319,9 +319,7 @@ class AdapterTrainer:
         the process's peak resident set size (VmHWM, Linux; None elsewhere). No device sync."""
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device)), "peak_gpu_memory_gib"
-        from ..evaluation.benchmark import _proc_status_bytes
-
-        return _proc_status_bytes("VmHWM"), "peak_rss_gib"
+        return proc_status_bytes("VmHWM"), "peak_rss_gib"
 
     def _band_losses(self, steps: list) -> dict:
         """Mean loss per timestep band over the rows of ``steps`` ((step, loss) pairs); None for an empty band."""

@@ -25,14 +25,15 @@ ordinary epsilon / v denoising loss of the base model, with no re-weighting.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..comfy_bridge import attach_injection
+from ..comfy_bridge import attach_injection, build_injection, single_model_pass
 from ..method.cache import combine_caches
-from ..method.injection import build_injection
+from ..method.controls import Controls
 
 
 # --------------------------------------------------------------------------
@@ -70,8 +71,6 @@ def predict_residual(model_patcher, latents: torch.Tensor, noise: torch.Tensor, 
     ``latents`` are raw VAE latents (LATENT["samples"]); ComfyUI's guider applies the model's latent
     format (``process_latent_in``) and its patches, just as KSampler does. Differentiable.
     """
-    from ..comfy_bridge import single_model_pass
-
     result = single_model_pass(model_patcher, latents, noise, conditioning, sigmas)
     return model_output_residual(result.model_sampling, result.sigma, result.latent, result.denoised)
 
@@ -112,8 +111,6 @@ def denoising_losses(model_patcher, adapter, rows: list, attention=None, autocas
     passes as their shapes allow (same latent size and text length); in a pass of several rows each row
     attends to its own reference only (``combine_caches`` + the injection's "per_image" reference mode).
     """
-    if attention is None:
-        from ..comfy_bridge import comfy_memory_attention as attention
     groups: dict = {}
     for position, row in enumerate(rows):
         groups.setdefault(_group_key(row), []).append(position)
@@ -131,7 +128,7 @@ def denoising_losses(model_patcher, adapter, rows: list, attention=None, autocas
                 injection = build_injection(model_patcher, adapter, members[0].cache, chunks=None, attention=attention)
             else:  # row i attends to reference i only (padded memories, key-masked)
                 injection = build_injection(model_patcher, adapter, combine_caches([r.cache for r in members]),
-                                            chunks=None, reference_mode="per_image", attention=attention)
+                                            Controls(reference_mode="per_image"), chunks=None, attention=attention)
             model = attach_injection(model_patcher.clone(), injection)
         with (autocast() if autocast is not None else contextlib.nullcontext()):
             residual = predict_residual(model, latents, noise, sigmas, conditioning_of(cond, pooled))
@@ -156,8 +153,6 @@ def gradient_checkpointing(unet, enabled: bool = True):
     if not enabled:
         yield
         return
-    import functools
-
     from torch.utils.checkpoint import checkpoint
 
     wrapped = []

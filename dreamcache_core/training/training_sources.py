@@ -21,6 +21,8 @@ from ..io.image_files import load_image, load_mask
 from .reference_augmentation import augment_reference, canonical_reference
 from .training_data import (BROKEN_ROW_ERRORS, Manifest, PrecomputedStore, PreparedSample, SampleDraw, SpecialInputs,
                             encode_seed, generator_for, prepare_reference, resize_center_crop)
+from ..comfy_bridge import encode_reference
+from ..method.layers import model_signature
 
 NULL_REFERENCE_SEED = 2 ** 31 - 1  # Encode seed of the null (white) reference
 
@@ -235,7 +237,6 @@ def reference_cache(model_patcher, sample: PreparedSample, index: int, special: 
     """The reference cache of ``sample`` (precomputed, or one Encode pass at t = 1, the Encode node's code)."""
     if sample.cache is not None and (use_masks or not sample.cache.token_masks):
         return sample.cache
-    from ..comfy_bridge import encode_reference
 
     mask = sample.reference_mask[None] if (use_masks and sample.reference_mask is not None) else None
     empty = [[special.empty_cond[None], {} if special.empty_pooled is None else {"pooled_output": special.empty_pooled[None]}]]
@@ -247,7 +248,6 @@ def null_reference_cache(model_patcher, special: SpecialInputs):
     """The cache of the null reference (a white image, no mask): what reference dropout injects."""
     if special.null_cache is not None:
         return special.null_cache
-    from ..comfy_bridge import encode_reference
 
     empty = [[special.empty_cond[None], {} if special.empty_pooled is None else {"pooled_output": special.empty_pooled[None]}]]
     with torch.no_grad():
@@ -262,8 +262,6 @@ def precompute(source, store_dir: str, model_patcher=None, caches: bool = False,
     reference's cache (needs ``model_patcher``; the same Encode pass training would run). With ``variants``
     K > 1 (an augmenting source) each sample holds K augmented references, the trainer draws one per draw.
     With several processes each writes every ``world``-th sample; rank 0 writes the store description."""
-    from ..method.layers import model_signature
-
     if caches and model_patcher is None:
         raise ValueError("Precomputing reference caches needs the base model.")
     variants = int(variants)

@@ -8,8 +8,9 @@ the whole run.
   prompt), three tiles: the sample's reference (its latent decoded), the image
   made with the adapter, and the plain base's image at the same seed. Prompts:
   the samples' own captions, or every line of ``--validation-prompts``. Row r
-  uses seed r, at every step. Sampling is ``generate``'s own: its ``Sampler``
-  (the Apply DreamCache injection, joint guidance, the stock KSampler path),
+  uses seed r, at every step. Sampling is generation's own ``Sampler``
+  (``comfy_bridge.pipeline``: the Apply DreamCache injection, joint guidance,
+  the stock KSampler path),
   on a frozen copy of the adapter, inside ``torch.inference_mode()``.
 * Gap (``<output-dir>/reference_gap.csv``): ``reference_gap.reference_gap``
   with matched and shuffled references (sample i's shuffled reference is sample
@@ -27,9 +28,11 @@ from typing import Callable, Optional
 
 import torch
 
+from ..comfy_bridge.pipeline import Sampler
 from .reference_gap import gap_record, reference_gap, shifted_partners
 from .training_loss import conditioning_of
 from .training_sources import reference_cache
+from ..io.image_files import save_png
 
 GRID_PADDING = 2  # white pixels between tiles
 VALIDATION_DIR = "validation"
@@ -150,8 +153,6 @@ class Validator:
 
     def grid(self, adapter) -> tuple:
         """(grid [H, W, 3], tiles: [(reference, personalised, plain)] per row, the row prompts)."""
-        from ..evaluation.generate import Sampler
-
         frozen = copy.deepcopy(adapter).requires_grad_(False)  # sampling may hand it to ComfyUI's memory manager
         special = self.source.special()
         negative = conditioning_of(special.empty_cond[None], _batch(special.empty_pooled))
@@ -175,8 +176,6 @@ class Validator:
     # ------------------------------------------------------------------ both, written
     def run(self, step: int, adapter, output_dir: str, log: Callable[[str], None] = print, tensorboard=None) -> dict:
         """Write the grid PNG and return the gap record of ``step`` (the caller logs it); global RNG untouched."""
-        from ..io.image_files import save_png
-
         record = {}
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
