@@ -136,7 +136,7 @@ def write_random_adapter(family: str, seed: int = 0) -> Path:
 def write_random_authors_adapter(seed: int = 0) -> Path:
     """A randomised SD2.1 adapter in the authors' released layout (``torch.save`` of a dict of float32 tensors,
     LN_m raw: the loader folds it against the model's norm1 when it is applied)."""
-    from comfyui_dreamcache.dreamcache_core.io.adapter_io import authors_state_dict
+    from comfyui_dreamcache.dreamcache_core.io.authors_adapter_format import authors_state_dict
     from comfyui_dreamcache.dreamcache_core.method.adapter import DreamCacheAdapter
     from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers
 

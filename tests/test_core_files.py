@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
-from comfyui_dreamcache.dreamcache_core.io.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, TENSOR_NAMES, AdapterFileError,
-                                                           adapter_from_authors_state_dict, adapter_state_dict,
-                                                           authors_specs_from_state_dict, authors_state_dict,
-                                                           load_adapter, save_adapter)
-from comfyui_dreamcache.dreamcache_core.method.cache import (CacheFileError, DreamCache, load_cache, save_cache,
-                                                      token_masks_from_mask)
+from comfyui_dreamcache.dreamcache_core.io.adapter_io import AdapterFileError, adapter_state_dict, load_adapter, save_adapter
+from comfyui_dreamcache.dreamcache_core.io.adapter_tensors import TENSOR_NAMES
+from comfyui_dreamcache.dreamcache_core.io.authors_adapter_format import (AUTHORS_BLOCK, AUTHORS_PREFIX,
+                                                                       adapter_from_authors_state_dict,
+                                                                       authors_specs_from_state_dict,
+                                                                       authors_state_dict)
+from comfyui_dreamcache.dreamcache_core.io.cache_files import CacheFileError, load_cache, save_cache
+from comfyui_dreamcache.dreamcache_core.method.cache import DreamCache, token_masks_from_mask
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_norm1, random_tensor
 
 
