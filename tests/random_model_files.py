@@ -42,7 +42,7 @@ def model_config_of(family: str):
     """ComfyUI's model config of the real ``family`` U-Net (the benchmark's configs; SD2.1 is SD1.5's layout with
     a 1024-wide text context, linear proj_in/out and heads of 64 channels), in float16."""
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import family_model_config
-    from comfyui_dreamcache.dreamcache_core.evaluation.benchmark import SD15_UNET, SDXL_UNET
+    from comfyui_dreamcache.dreamcache_core.evaluation.benchmark_shapes import SD15_UNET, SDXL_UNET
 
     sd21 = dict(SD15_UNET, context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
     return family_model_config(family, {"sd15": SD15_UNET, "sd21": sd21, "sdxl": SDXL_UNET}[family], torch.float16)

@@ -20,7 +20,7 @@ from comfyui_dreamcache.dreamcache_core.method.controls import layer_strengths, 
 from comfyui_dreamcache.dreamcache_core.method.input_checks import LAYER_WEIGHT_LIMIT, check_number
 from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_tensor
-from test_core_files import authors_checkpoint, tiny_cache
+from core_fixtures import authors_checkpoint, tiny_cache
 
 NAN, INF = float("nan"), float("inf")
 PACK_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -21,7 +21,7 @@ from comfyui_dreamcache.dreamcache_core.method.controls import layer_strengths
 from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
 from comfyui_dreamcache.dreamcache_core.method.schedules import parse_frame_weights
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS
-from test_core_files import tiny_cache
+from core_fixtures import tiny_cache
 
 
 @pytest.mark.parametrize("text, match", [
