@@ -4,7 +4,7 @@ import os
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from ..dreamcache_core.method.cache import load_cache, save_cache
+from ..dreamcache_core.io.cache_files import load_cache, save_cache
 from .io_types import CATEGORY_CACHE, Cache
 from .model_folders import CACHE_FOLDER, CACHE_OUTPUT_SUBFOLDER
 from .widget_checks import validation_result

@@ -42,7 +42,7 @@ def model_config_of(family: str):
     """ComfyUI's model config of the real ``family`` U-Net (the benchmark's configs; SD2.1 is SD1.5's layout with
     a 1024-wide text context, linear proj_in/out and heads of 64 channels), in float16."""
     from comfyui_dreamcache.dreamcache_core.comfy_bridge.models import family_model_config
-    from comfyui_dreamcache.dreamcache_core.evaluation.benchmark import SD15_UNET, SDXL_UNET
+    from comfyui_dreamcache.dreamcache_core.evaluation.benchmark_shapes import SD15_UNET, SDXL_UNET
 
     sd21 = dict(SD15_UNET, context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64)
     return family_model_config(family, {"sd15": SD15_UNET, "sd21": sd21, "sdxl": SDXL_UNET}[family], torch.float16)
@@ -136,7 +136,7 @@ def write_random_adapter(family: str, seed: int = 0) -> Path:
 def write_random_authors_adapter(seed: int = 0) -> Path:
     """A randomised SD2.1 adapter in the authors' released layout (``torch.save`` of a dict of float32 tensors,
     LN_m raw: the loader folds it against the model's norm1 when it is applied)."""
-    from comfyui_dreamcache.dreamcache_core.io.adapter_io import authors_state_dict
+    from comfyui_dreamcache.dreamcache_core.io.authors_adapter_format import authors_state_dict
     from comfyui_dreamcache.dreamcache_core.method.adapter import DreamCacheAdapter
     from comfyui_dreamcache.dreamcache_core.method.layers import discover_memory_layers
 

@@ -106,7 +106,7 @@ def test_settings_file_holds_every_setting_and_replays_identically(setup, tmp_pa
 
 def test_generation_from_a_saved_cache_is_the_stock_ksampler_path(setup, tmp_path):
     from comfyui_dreamcache.dreamcache_core.io.file_hashes import file_sha256
-    from comfyui_dreamcache.dreamcache_core.method.cache import save_cache
+    from comfyui_dreamcache.dreamcache_core.io.cache_files import save_cache
     from comfyui_dreamcache.dreamcache_core.comfy_bridge import encode_reference
     from comfyui_dreamcache.nodes.apply import DreamCacheApply
 

@@ -102,7 +102,7 @@ def test_convert_authors_takes_comfyui_names(comfy_folders, tmp_path):
     from comfyui_dreamcache.dreamcache_core.io.adapter_io import load_adapter
     from comfyui_dreamcache.dreamcache_core.io.convert_authors import main
     from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
-    from test_core_files import authors_checkpoint
+    from core_fixtures import authors_checkpoint
 
     specs = [MemoryLayerSpec("middle_block.1", ("middle", 0), 128, 128, 2, 64),
              MemoryLayerSpec("output_blocks.4.1", ("output", 4), 64, 64, 1, 64)]

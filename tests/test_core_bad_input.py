@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
-from comfyui_dreamcache.dreamcache_core.io.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, AdapterFileError,
-                                                           adapter_from_authors_state_dict, adapter_state_dict,
-                                                           load_adapter, save_adapter)
-from comfyui_dreamcache.dreamcache_core.method.cache import (CacheFileError, DreamCache, combine_caches, load_cache,
-                                                      parse_reference_weights, save_cache)
+from comfyui_dreamcache.dreamcache_core.io.adapter_io import AdapterFileError, adapter_state_dict, load_adapter, save_adapter
+from comfyui_dreamcache.dreamcache_core.io.authors_adapter_format import (AUTHORS_BLOCK, AUTHORS_PREFIX,
+                                                                       adapter_from_authors_state_dict)
+from comfyui_dreamcache.dreamcache_core.io.cache_files import CacheFileError, load_cache, save_cache
+from comfyui_dreamcache.dreamcache_core.method.cache import DreamCache, combine_caches, parse_reference_weights
 from comfyui_dreamcache.dreamcache_core.method.controls import layer_strengths, prepare_region_mask
 from comfyui_dreamcache.dreamcache_core.method.input_checks import LAYER_WEIGHT_LIMIT, check_number
 from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_tensor
-from test_core_files import authors_checkpoint, tiny_cache
+from core_fixtures import authors_checkpoint, tiny_cache
 
 NAN, INF = float("nan"), float("inf")
 PACK_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter, multihead_attention
-from comfyui_dreamcache.dreamcache_core.method.cache import (DreamCache, check_reference_weights, combine_caches, load_cache,
-                                                      parse_reference_weights, save_cache, token_masks_from_mask)
+from comfyui_dreamcache.dreamcache_core.io.cache_files import load_cache, save_cache
+from comfyui_dreamcache.dreamcache_core.method.cache import (DreamCache, check_reference_weights, combine_caches,
+                                                      parse_reference_weights, token_masks_from_mask)
 from comfyui_dreamcache.dreamcache_core.method.controls import (layer_strengths, parse_layer_weights, prepare_region_mask,
                                                          region_token_weights, token_grid)
 from comfyui_dreamcache.dreamcache_core.method.guidance import combined_guidance, joint_guidance, needed_predictions

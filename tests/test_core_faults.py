@@ -15,12 +15,13 @@ from comfyui_dreamcache.dreamcache_core.masking.reference_noise import (_exact_b
                                                                          noised_reference)
 from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
 from comfyui_dreamcache.dreamcache_core.method.base_family import base_family
-from comfyui_dreamcache.dreamcache_core.method.cache import CacheFileError, check_cache_fits, load_cache
+from comfyui_dreamcache.dreamcache_core.io.cache_files import CacheFileError, load_cache
+from comfyui_dreamcache.dreamcache_core.method.cache import check_cache_fits
 from comfyui_dreamcache.dreamcache_core.method.controls import layer_strengths
 from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
 from comfyui_dreamcache.dreamcache_core.method.schedules import parse_frame_weights
 from core_fixtures import TINY_SIGNATURE, TINY_SPECS
-from test_core_files import tiny_cache
+from core_fixtures import tiny_cache
 
 
 @pytest.mark.parametrize("text, match", [

@@ -1,7 +1,7 @@
 """Tiny SD-shaped ComfyUI models with seeded random weights (ComfyUI imported lazily)."""
 import torch
 
-from comfyui_dreamcache.dreamcache_core.evaluation.benchmark import SHAPES
+from comfyui_dreamcache.dreamcache_core.evaluation.benchmark_shapes import SHAPES
 
 # The benchmark's tiny shapes: the SD1.5 layout at width 32 (text width 64); SDXL's layout (no attention at the
 # highest resolution, transformer depth 2, linear projections, adm = pooled + sizes) at width 32.

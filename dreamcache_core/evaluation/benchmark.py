@@ -35,72 +35,27 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from ..comfy_bridge.models import random_model
 from ..io.memory_probes import PeakMemory
 from ..method.controls import Controls
-from ..comfy_bridge.sampling import (comfyui_environment, schedule_sigmas, sample_timed as bridge_sample_timed,
+from ..comfy_bridge.sampling import (schedule_sigmas, sample_timed as bridge_sample_timed,
                                      prepare_noise)
 from ..comfy_bridge import (build_injection, attach_injection, encode_sigma, single_model_pass, encode_reference,
                             ensure_comfyui)
 from ..io.adapter_io import adapter_state_dict
 from ..method.adapter import build_adapter
 from ..method.layers import discover_memory_layers, model_signature
-
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-SDXL_UNET = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    family: str  # "sd15" or "sdxl"
-    unet: dict
-    latent: int  # latent side; the image side is 8x
-    tokens: int = 77  # text tokens of the conditioning
-    description: str = ""
-
-
-SHAPES = {
-    "tiny": Shape("tiny", "sd15", dict(SD15_UNET, model_channels=32, context_dim=64), 16, 8,
-                  "SD1.5 layout, width 32, 16x16 latent (tests)"),
-    "tiny-sdxl": Shape("tiny-sdxl", "sdxl", dict(SDXL_UNET, model_channels=32, context_dim=64,
-                                                  transformer_depth=[0, 0, 2, 2, 2, 2], transformer_depth_middle=2,
-                                                  transformer_depth_output=[0, 0, 0, 2, 2, 2, 2, 2, 2],
-                                                  num_head_channels=16), 16, 8,
-                       "SDXL layout, width 32, depth 2, 16x16 latent (tests)"),
-    "mid": Shape("mid", "sd15", dict(SD15_UNET, model_channels=96), 32, 77,
-                 "SD1.5 layout (8 heads, text width 768) at width 96, 32x32 latent (256 px)"),
-    "sd15-512": Shape("sd15-512", "sd15", dict(SD15_UNET), 64, 77, "SD1.5 U-Net (860M), 512x512"),
-    "sdxl-1024": Shape("sdxl-1024", "sdxl", dict(SDXL_UNET), 128, 77, "SDXL U-Net (2.6B), 1024x1024"),
-}
-FULL_SHAPES = ("sd15-512", "sdxl-1024")
-
+from .benchmark_report import command_line, environment_info, markdown_table, report_results
+from .benchmark_shapes import FULL_SHAPES, SHAPES, Shape
 
 # ----------------------------------------------------------------------------------------------------------------
 # statistics
@@ -361,85 +316,6 @@ def benchmark_shape(shape: Shape, device: torch.device, dtype: torch.dtype, sett
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reports
-# ----------------------------------------------------------------------------------------------------------------
-
-def _mib(n: float) -> str:
-    return f"{n / 2 ** 20:.1f} MiB" if n >= 2 ** 20 else f"{n / 1024:.1f} KiB"
-
-
-def _signed_mib(n: float) -> str:
-    return ("+" if n >= 0 else "-") + _mib(abs(n))
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
-
-
-def markdown_table(results: list, environment: dict, command: str) -> str:
-    lines = [
-        f"Command: `{command}`",
-        "",
-        f"Machine: {environment['device_name']}, torch {environment['torch']}, {environment['threads']} threads, "
-        f"{environment['attention']}"
-        + (f", load average {environment['load_average'][0]:.2f} at the end." if environment.get("load_average")
-           else "."),
-        "",
-        "| shape | unpatched step | personalised step | per-step overhead (median [min, max] of paired runs) "
-        "| per-step FLOPs overhead | Encode | plain pass | Encode / plain pass (FLOPs) "
-        "| peak memory unpatched / personalised (extra) | cache per reference | memory K/V | adapter (fp32 file / fp16) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        ratio = r["step_ratio"]
-        enc = r["encode_ratio"]
-        lines.append(
-            f"| {r['shape']} ({r['image_size']}px, {r['dtype']}) "
-            f"| {_ms(r['step_seconds']['unpatched']['median'])} "
-            f"| {_ms(r['step_seconds']['personalised']['median'])} "
-            f"| {100 * (ratio['median'] - 1):+.1f} % [{100 * (ratio['min'] - 1):+.1f}, {100 * (ratio['max'] - 1):+.1f}] "
-            f"| {100 * (r['step_flops_ratio'] - 1):+.2f} % "
-            f"| {_ms(r['encode_seconds']['median'])} | {_ms(r['plain_pass_seconds']['median'])} "
-            f"| {enc['median']:.2f}x [{enc['min']:.2f}, {enc['max']:.2f}] ({r['encode_flops'] / r['plain_pass_flops']:.3f}x) "
-            f"| {_mib(r['peak_memory_bytes']['unpatched']['median'])} / "
-            f"{_mib(r['peak_memory_bytes']['personalised']['median'])} ({_signed_mib(r['peak_memory_extra_bytes'])}) "
-            f"| {_mib(r['cache_bytes_per_reference'])} | {_mib(r['memory_kv_bytes'])} "
-            f"| {_mib(r['adapter_bytes_fp32'])} / {_mib(r['adapter_bytes_fp16'])} |"
-        )
-    s = results[0]["settings"] if results else {}
-    lines += [
-        "",
-        f"Per step: median time of one model call (classifier-free guidance, batch of 2: positive + negative) over "
-        f"{s.get('repeats')} runs of {s.get('steps')} Euler steps per model, runs alternating A/B; the overhead is the "
-        f"median over adjacent run pairs of personalised / unpatched. The reference is injected into the "
-        f"{'positive chunk only (joint guidance)' if s.get('apply_to') == 'positive' else 'positive and negative chunks'}, "
-        f"memory = {'all' if s.get('subject_fraction', 1) >= 1 else 'about {:.0%} of the'.format(s.get('subject_fraction'))} "
-        "reference tokens. Encode = the Encode DreamCache pass (one U-Net call at t = 1 with feature capture) against "
-        "the same one-call path on the unpatched model; both single-latent. FLOPs: torch's FlopCounterMode over one "
-        "step (matmuls, convolutions, attention; machine-independent, so free of the timing noise). Peak memory: "
-        f"{results[0]['peak_memory_kind'] if results else ''} during a sampling run.",
-    ]
-    return "\n".join(lines)
-
-
-def environment_info(device: torch.device) -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "device": str(device),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    else:
-        info["device_name"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    info["attention"] = comfyui_environment()["attention"]
-    return info
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -493,10 +369,6 @@ def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
     return getattr(torch, choice)
 
 
-def command_line(argv, module: str = "dreamcache_core.evaluation.benchmark") -> str:
-    return f"python -m {module}" + ("" if not argv else " " + " ".join(argv))
-
-
 def prepare_device(args) -> torch.device:
     """The device ``args.device`` names, with ComfyUI made importable for it and torch's CPU threads set."""
     device = resolve_device(args.device)
@@ -523,18 +395,6 @@ def main(argv=None) -> list:
     report_results(markdown_table(results, environment, command_line(argv)), results, environment,
                    command_line(argv), args.markdown, args.json)
     return results
-
-
-def report_results(table: str, results: list, environment: dict, command: str, markdown_path: Optional[str],
-                   json_path: Optional[str]) -> None:
-    """Print the table; write it to ``markdown_path`` and the results to ``json_path`` when given."""
-    print(table)
-    if markdown_path:
-        with open(markdown_path, "w", encoding="utf-8") as handle:
-            handle.write(table + "\n")
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as handle:
-            json.dump({"command": command, "environment": environment, "results": results}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ from ..comfy_bridge.sampling import comfyui_environment
 from ..data import dreambench_prompts, dreambench_subject, dreambench_subjects
 from ..io.adapter_io import load_adapter
 from ..masking.reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
-from ..method.cache import load_cache, save_cache
+from ..io.cache_files import load_cache, save_cache
 
 SETTINGS_FILE = "settings.json"
 SETTINGS_FORMAT = "dreamcache-generate"

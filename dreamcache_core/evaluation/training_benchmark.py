@@ -53,8 +53,10 @@ from typing import Optional
 
 import torch
 
-from .benchmark import (SHAPES, PeakMemory, command_line, conditioning, counted_flops, environment_info, median,
-                        prepare_device, report_results, synchronize)
+from ..io.memory_probes import PeakMemory
+from .benchmark import conditioning, counted_flops, median, prepare_device, synchronize
+from .benchmark_report import command_line, environment_info, report_results
+from .benchmark_shapes import SHAPES
 from ..comfy_bridge.models import meta_unet, random_model
 from ..comfy_bridge import encode_reference
 from ..method.adapter import build_adapter
@@ -112,7 +114,7 @@ def timed(device: torch.device, run) -> float:
 
 def peak_memory(device: torch.device, run) -> tuple:
     """(peak bytes, bytes before, seconds) of one ``run()``: CUDA max_memory_allocated, or the process's peak
-    RSS on the CPU (``benchmark.PeakMemory``)."""
+    RSS on the CPU (``io.memory_probes.PeakMemory``)."""
     gc.collect()
     with PeakMemory(device) as probe:
         seconds = timed(device, run)

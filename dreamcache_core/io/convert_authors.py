@@ -17,8 +17,8 @@ import sys
 import torch
 import torch.nn as nn
 
-from .adapter_io import (BaseLayout, _authors_layer_keys, _torch_load_safely, adapter_from_authors_state_dict,
-                         save_adapter)
+from .adapter_io import save_adapter
+from .authors_adapter_format import BaseLayout, adapter_from_authors_state_dict, authors_layer_keys, torch_load_safely
 from ..method.layers import MemoryLayerSpec
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
@@ -29,7 +29,7 @@ def read_base_state_dict(path: str) -> dict:
     if path.lower().endswith((".safetensors", ".sft")):
         from safetensors.torch import load_file
         return load_file(path)
-    return _torch_load_safely(path)
+    return torch_load_safely(path)
 
 
 def _unet_prefix(state: dict) -> str:
@@ -70,8 +70,8 @@ def layout_from_checkpoint(state: dict, layer_keys: list[str]) -> BaseLayout:
 
 
 def convert(adapter_path: str, base_path: str, out_path: str) -> str:
-    authors_state = _torch_load_safely(adapter_path)
-    layer_keys = _authors_layer_keys(authors_state)
+    authors_state = torch_load_safely(adapter_path)
+    layer_keys = authors_layer_keys(authors_state)
     if not layer_keys:
         raise ValueError(f"{os.path.basename(adapter_path)} is not in the authors' DreamCache layout.")
     layout = layout_from_checkpoint(read_base_state_dict(base_path), layer_keys)

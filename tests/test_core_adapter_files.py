@@ -1,4 +1,4 @@
-"""Adapter and cache files: our safetensors, the authors' .pt, and bad files."""
+"""Adapter files: our safetensors, the authors' .pt (read, written back, converted), and bad files."""
 import json
 
 import pytest
@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from comfyui_dreamcache.dreamcache_core.method.adapter import build_adapter
-from comfyui_dreamcache.dreamcache_core.io.adapter_io import (AUTHORS_BLOCK, AUTHORS_PREFIX, TENSOR_NAMES, AdapterFileError,
-                                                           adapter_from_authors_state_dict, adapter_state_dict,
-                                                           authors_specs_from_state_dict, authors_state_dict,
-                                                           load_adapter, save_adapter)
-from comfyui_dreamcache.dreamcache_core.method.cache import (CacheFileError, DreamCache, load_cache, save_cache,
-                                                      token_masks_from_mask)
-from core_fixtures import TINY_SIGNATURE, TINY_SPECS, random_norm1, random_tensor
+from comfyui_dreamcache.dreamcache_core.io.adapter_io import AdapterFileError, adapter_state_dict, load_adapter, save_adapter
+from comfyui_dreamcache.dreamcache_core.io.adapter_tensors import TENSOR_NAMES
+from comfyui_dreamcache.dreamcache_core.io.authors_adapter_format import (AUTHORS_BLOCK, AUTHORS_PREFIX,
+                                                                       adapter_from_authors_state_dict,
+                                                                       authors_specs_from_state_dict,
+                                                                       authors_state_dict)
+from core_fixtures import TINY_SIGNATURE, TINY_SPECS, authors_checkpoint, random_norm1, random_tensor
 
 
 def test_safetensors_round_trip_keeps_every_tensor_and_the_metadata(tmp_path):
@@ -32,23 +32,6 @@ def test_safetensors_round_trip_keeps_every_tensor_and_the_metadata(tmp_path):
         meta = handle.metadata()
     assert meta["dreamcache_format"] == "adapter" and meta["dreamcache_version"] == "1"
     assert json.loads(meta["layers"])[1] == TINY_SPECS[1].to_json()
-
-
-def authors_checkpoint(seed=0, specs=TINY_SPECS):
-    """Random tensors in the authors' key layout for ``specs``."""
-    state = {}
-    generator = torch.Generator().manual_seed(seed)
-    for spec in specs:
-        prefix = f"{AUTHORS_PREFIX}{spec.key}{AUTHORS_BLOCK}"
-        d, c, inner = spec.dim, spec.channels, spec.heads * spec.dim_head
-        shapes = {"attn_mem.to_q.weight": (inner, d), "attn_mem.to_k.weight": (inner, c),
-                  "attn_mem.to_v.weight": (inner, c), "attn_mem.to_out.0.weight": (d, inner),
-                  "attn_mem.to_out.0.bias": (d,), "norm2_mem.weight": (d,), "norm2_mem.bias": (d,),
-                  "linear_cat.weight": (d, 2 * d), "linear_cat.bias": (d,)}
-        for suffix, shape in shapes.items():
-            state[prefix + suffix] = torch.randn(shape, generator=generator)
-        state[prefix + "norm2_mem.weight"] = 1 + 0.2 * state[prefix + "norm2_mem.weight"]
-    return state
 
 
 class FakeBase(torch.nn.Module):
@@ -151,67 +134,6 @@ def test_foreign_safetensors_and_unknown_extension_are_refused(tmp_path):
     other.write_bytes(b"xx")
     with pytest.raises(AdapterFileError, match="neither"):
         load_adapter(str(other))
-    with pytest.raises(CacheFileError, match="not a DreamCache cache"):
-        load_cache(path)
-
-
-def tiny_cache(num_refs=1, seed=0, with_mask=False):
-    features = {s.key: random_tensor(num_refs, s.channels, 4, 4, seed=seed + i) for i, s in enumerate(TINY_SPECS)}
-    masks = {}
-    if with_mask:
-        mask = torch.zeros(num_refs, 32, 32)
-        mask[:, 8:24, 8:24] = 1
-        masks = token_masks_from_mask(mask, {k: (num_refs, 4, 4) for k in features})
-    return DreamCache(features, masks, {"signature": TINY_SIGNATURE, "seed": seed, "latent_size": [4, 4]})
-
-
-def test_cache_round_trip_is_fp16_and_keeps_masks_and_metadata(tmp_path):
-    cache = tiny_cache(num_refs=2, with_mask=True)
-    path = str(tmp_path / "ref.safetensors")
-    save_cache(cache, path)
-    loaded = load_cache(path)
-    assert loaded.keys == cache.keys and loaded.metadata == cache.metadata
-    for key in cache.keys:
-        assert loaded.features[key].dtype == torch.float16
-        assert torch.equal(loaded.features[key], cache.features[key])
-        assert torch.equal(loaded.token_masks[key], cache.token_masks[key])
-    assert cache.nbytes() == sum(2 * s.channels * 16 * 2 for s in TINY_SPECS)
-
-
-def test_cache_memory_tokens_union_of_subject_tokens_and_memoised():
-    cache = tiny_cache(num_refs=2, with_mask=True)
-    key = TINY_SPECS[0].key
-    tokens = cache.memory_tokens(key, "cpu", torch.float32)
-    # the mask covers the centre 2x2 of each 4x4 map: 4 subject tokens per reference, 2 references
-    assert tokens.shape == (1, 8, TINY_SPECS[0].channels)
-    centre = cache.features[key][:, :, 1:3, 1:3].float().flatten(2).transpose(1, 2).reshape(-1, TINY_SPECS[0].channels)
-    assert torch.equal(tokens[0], centre)
-    assert cache.memory_tokens(key, "cpu", torch.float32) is tokens
-
-
-def test_token_masks_keep_a_small_subject_and_reject_an_empty_mask():
-    mask = torch.zeros(1, 64, 64)
-    mask[0, 30:33, 30:33] = 1  # far below half a token at 4x4
-    out = token_masks_from_mask(mask, {"a": (1, 4, 4), "b": (1, 64, 64)})
-    assert out["a"].sum() >= 1 and out["b"].sum() == 9
-    with pytest.raises(ValueError, match="empty"):
-        token_masks_from_mask(torch.zeros(1, 8, 8), {"a": (1, 4, 4)})
-    with pytest.raises(ValueError, match="one per reference"):
-        token_masks_from_mask(torch.ones(2, 8, 8), {"a": (3, 4, 4)})
-
-
-def test_cache_check_rejects_another_model():
-    from comfyui_dreamcache.dreamcache_core.method.cache import check_cache_fits
-    from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
-    cache = tiny_cache()
-    check_cache_fits(cache, TINY_SPECS, TINY_SIGNATURE)
-    wider = [MemoryLayerSpec(s.key, s.block, s.channels * 2, s.dim * 2, s.heads, s.dim_head * 2) for s in TINY_SPECS]
-    with pytest.raises(ValueError, match="encoded on another model"):
-        check_cache_fits(cache, wider)
-    with pytest.raises(ValueError, match="encoded on another model"):
-        check_cache_fits(cache, TINY_SPECS[:2])
-    with pytest.raises(ValueError, match="text width"):
-        check_cache_fits(cache, TINY_SPECS, dict(TINY_SIGNATURE, context_dim=99))
 
 
 def test_convert_authors_cli_reads_the_base_checkpoint_and_folds(tmp_path):
