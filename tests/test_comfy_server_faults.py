@@ -12,12 +12,15 @@ check from /history that the sampler did run (it is not in the prompt's cached n
 
 The memory test queues 30 personalised prompts, each with another reference, and reads the server process's
 resident memory (RSS) after each. The unit is one reference's state: its cache as Save DreamCache stores it
-plus its reference latent (about 6 MiB for SD1.5 at 512 px). Bounds, over the last 20 prompts (the first ten
-warm the allocator and ComfyUI's caches): the least-squares slope of RSS stays under half a state per prompt,
-and RSS grows by less than 10 states in all. A leak of anything a prompt makes per reference (its cache, its
-patched model, its adapter patcher, a copy of the adapter) grows by at least one state per prompt: a slope of
-one state or more and 20 states in all. Allocator noise measured here is a step of about 10 MiB once in 30
-prompts, a slope well under the bound.
+plus its reference latent (about 6 MiB for SD1.5 at 512 px). RSS after a prompt swings from one prompt to the
+next (measured: up to 80 MiB on ComfyUI 0.8.0, 70 MiB on 0.3.64, as the allocator keeps or returns freed blocks),
+so the bounds hold its floor, which a leak raises and a swing does not: over the last 20 prompts (the first ten
+warm the allocator and ComfyUI's caches), the lowest RSS of each block of 5 prompts. The least-squares slope of
+the four floors stays under half a state per prompt, and the last floor lies less than 10 states above the
+first. A leak of anything a prompt makes per reference (its cache, its patched model, its adapter patcher, a
+copy of the adapter) raises the floor by at least one state per prompt: a slope of one state or more and 15
+states between the first and the last floor. Measured floors moved by under 1 MiB (0.8.0) and -20 MiB (0.3.64)
+over those 20 prompts.
 Set DREAMCACHE_REPORT_DIR to get the measured figures as server_memory.json.
 """
 import json
@@ -42,6 +45,7 @@ LONG_STEPS = 400  # the prompt that is interrupted
 PROMPT_TIMEOUT_S = 900
 MEMORY_PROMPTS = 30
 MEMORY_WINDOW = 20  # the last prompts, over which growth is bounded
+FLOOR_BLOCK = 5  # prompts per block whose lowest RSS is the floor
 
 
 def write_cutout_reference(path, seed: int):
@@ -239,20 +243,25 @@ def test_server_memory_does_not_grow_over_many_personalised_prompts(server, befo
         gc.collect()
         rss.append(process_rss(server))
     window = np.array(rss[-MEMORY_WINDOW:], dtype=np.float64)
-    growth = window[-1] - window[0]
-    slope = np.polyfit(np.arange(MEMORY_WINDOW), window, 1)[0]  # bytes per prompt
+    floors = window.reshape(-1, FLOOR_BLOCK).min(axis=1)  # the lowest RSS of each block of prompts
+    growth = floors[-1] - floors[0]
+    block_centres = np.arange(len(floors)) * FLOOR_BLOCK + (FLOOR_BLOCK - 1) / 2
+    slope = np.polyfit(block_centres, floors, 1)[0]  # bytes per prompt
     reference_latent_bytes = 4 * (REFERENCE_SIDE // 8) ** 2 * 4
     state = state_bytes + reference_latent_bytes
     mib = 2 ** 20
     figures = {"rss_mib_after_each_prompt": [round(value / mib, 1) for value in rss],
-               "last_prompts": MEMORY_WINDOW, "growth_mib_over_last_prompts": round(growth / mib, 1),
-               "slope_mib_per_prompt": round(slope / mib, 2), "reference_state_mib": round(state / mib, 2),
+               "last_prompts": MEMORY_WINDOW, "floor_block": FLOOR_BLOCK,
+               "floors_mib": [round(value / mib, 1) for value in floors],
+               "floor_growth_mib_over_last_prompts": round(growth / mib, 1),
+               "floor_slope_mib_per_prompt": round(slope / mib, 2),
+               "largest_swing_mib": round(float(np.max(np.abs(np.diff(window)))) / mib, 1), "reference_state_mib": round(state / mib, 2),
                "slope_bound_mib_per_prompt": round(0.5 * state / mib, 2), "growth_bound_mib": round(10 * state / mib, 1)}
     print("server memory:", json.dumps(figures))
     if os.environ.get("DREAMCACHE_REPORT_DIR"):
         with open(os.path.join(os.environ["DREAMCACHE_REPORT_DIR"], "server_memory.json"), "w") as report:
             json.dump(figures, report, indent=1)
-    assert slope < 0.5 * state and growth < 10 * state, f"the server's memory keeps growing: {figures}"
+    assert slope < 0.5 * state and growth < 10 * state, f"the server's memory floor keeps rising: {figures}"
 
 
 def cache_file_bytes(server, prefix: str) -> int:
