@@ -100,7 +100,7 @@ def test_convert_authors_takes_comfyui_names(comfy_folders, tmp_path):
     """The README's converter command, with the files in ComfyUI's folders and only their names given."""
     from safetensors.torch import save_file
     from comfyui_dreamcache.dreamcache_core.io.adapter_io import load_adapter
-    from comfyui_dreamcache.dreamcache_core.io.convert_authors import main
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge.convert_authors import main
     from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
     from core_fixtures import authors_checkpoint
 

@@ -138,7 +138,7 @@ def test_foreign_safetensors_and_unknown_extension_are_refused(tmp_path):
 
 def test_convert_authors_cli_reads_the_base_checkpoint_and_folds(tmp_path):
     from safetensors.torch import save_file
-    from comfyui_dreamcache.dreamcache_core.io.convert_authors import main
+    from comfyui_dreamcache.dreamcache_core.comfy_bridge.convert_authors import main
     from comfyui_dreamcache.dreamcache_core.method.layers import MemoryLayerSpec
     sd2_specs = [MemoryLayerSpec("middle_block.1", ("middle", 0), 128, 128, 2, 64),
                  MemoryLayerSpec("output_blocks.4.1", ("output", 4), 128, 128, 2, 64),

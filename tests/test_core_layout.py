@@ -77,15 +77,6 @@ LAYERS = (
     ("nodes",),  # ComfyUI glue
 )
 LAYER_OF = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
-# The one import that runs up a layer, and why it stays: {file: (imported module, reason)}.
-KNOWN_UPWARD_IMPORTS = {
-    "dreamcache_core/io/convert_authors.py": (
-        "dreamcache_core.comfy_bridge.model_files",
-        "the documented command `python -m dreamcache_core.io.convert_authors` (README, the adapter loaders' "
-        "messages) looks file names up in ComfyUI's model folders; removing this import means moving the command"),
-}
-
-
 def module_name(path: Path) -> tuple:
     """("dreamcache_core", "method", "patch") of a file under the pack; a package is its __init__'s folder."""
     parts = path.relative_to(PACK_ROOT).with_suffix("").parts
@@ -140,12 +131,6 @@ def pack_modules() -> list:
 
 def test_no_module_imports_a_layer_above_its_own():
     offenders = upward_imports(pack_modules())
-    for path, (module, _why) in KNOWN_UPWARD_IMPORTS.items():
-        entries = offenders.pop(path, [])
-        assert any(entry[1] == module for entry in entries), \
-            f"{path} no longer imports {module}: remove it from KNOWN_UPWARD_IMPORTS"
-        if any(entry[1] != module for entry in entries):
-            offenders[path] = [entry for entry in entries if entry[1] != module]
     order = " <- ".join("/".join(packages) for packages in LAYERS)
     assert not offenders, (f"these modules import a layer above their own (the layers, lowest first: {order}); "
                            f"move what they need down, or pass it in from above: {offenders}")
@@ -162,15 +147,12 @@ def function_level_pack_imports(path: Path, module: tuple = None) -> list:
 def test_the_pack_imports_its_own_modules_at_module_level():
     """Inside functions the pack imports only ComfyUI and heavy optional packages (segment_anything,
     transformers, tensorboard, pyarrow, ...), never its own modules: the imports at the top of a module say what
-    it builds on. (The converter command's ComfyUI name lookup is the known upward import, kept lazy.)"""
+    it builds on."""
     offenders = {}
     for path in pack_modules():
         found = function_level_pack_imports(path)
-        name = str(path.relative_to(PACK_ROOT))
-        if name in KNOWN_UPWARD_IMPORTS:
-            found = [(line, m) for line, m in found if ".".join(m) != KNOWN_UPWARD_IMPORTS[name][0]]
         if found:
-            offenders[name] = [(line, ".".join(module)) for line, module in found]
+            offenders[str(path.relative_to(PACK_ROOT))] = [(line, ".".join(module)) for line, module in found]
     assert not offenders, f"move these imports of the pack's own modules to the top of their module: {offenders}"
 
 

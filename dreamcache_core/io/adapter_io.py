@@ -111,7 +111,8 @@ def _check_format(metadata: dict, name: str) -> None:
     if metadata.get("dreamcache_format") != FORMAT_NAME:
         raise AdapterFileError(
             f"{name} is a safetensors file but not a DreamCache adapter (no dreamcache_format metadata). "
-            "Convert the authors' checkpoint with `python -m dreamcache_core.io.convert_authors` or pick an adapter file."
+            "Convert the authors' checkpoint with `python -m dreamcache_core.comfy_bridge.convert_authors` or pick "
+            "an adapter file."
         )
     version = metadata.get("dreamcache_version")
     if version != FORMAT_VERSION:

@@ -81,7 +81,7 @@ def authors_specs_from_state_dict(state: dict, heads_by_dim_head: int = 64, sour
                 f"not fit the head layout (heads of {heads_by_dim_head} channels, as in SD2.x) that an authors' "
                 "checkpoint is read with when no base model is given. The file itself may be fine: it was made for a "
                 "base with another head layout. Convert it against its base model with `python -m "
-                "dreamcache_core.io.convert_authors --adapter <file> --base <base checkpoint>`."
+                "dreamcache_core.comfy_bridge.convert_authors --adapter <file> --base <base checkpoint>`."
             )
         parts = key.split(".")
         block = ("middle", 0) if parts[0] == "middle_block" else (

@@ -220,8 +220,8 @@ def check_adapter_fits(adapter: DreamCacheAdapter, model) -> None:
         if (spec.dim, spec.heads, spec.dim_head, spec.channels) != (found.dim, found.heads, found.dim_head, found.channels):
             authors = ("" if adapter.norm_folded else
                        " An authors' checkpoint loaded on its own is read with the SD2.x head layout (heads of 64); "
-                       "for another base convert it with `python -m dreamcache_core.io.convert_authors --adapter "
-                       "<file> --base <base checkpoint>`.")
+                       "for another base convert it with `python -m dreamcache_core.comfy_bridge.convert_authors "
+                       "--adapter <file> --base <base checkpoint>`.")
             raise ValueError(
                 f"{bases} Layer {key} is {spec.dim} wide with {spec.heads} heads of {spec.dim_head} "
                 f"({spec.channels} input channels) in the adapter, {found.dim} wide with {found.heads} heads of "

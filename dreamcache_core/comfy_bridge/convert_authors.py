@@ -1,6 +1,6 @@
 """Convert the authors' released adapter (cross_attention-<step>.pt) into this pack's .safetensors.
 
-    python -m dreamcache_core.io.convert_authors --adapter cross_attention-199999.pt \
+    python -m dreamcache_core.comfy_bridge.convert_authors --adapter cross_attention-199999.pt \
         --base v2-1_512-ema-pruned.safetensors --out ComfyUI/models/dreamcache/dreamcache_sd21.safetensors
 
 The base checkpoint is read for three things only: the width and heads of each memory layer, the model
@@ -17,9 +17,11 @@ import sys
 import torch
 import torch.nn as nn
 
-from .adapter_io import save_adapter
-from .authors_adapter_format import BaseLayout, adapter_from_authors_state_dict, authors_layer_keys, torch_load_safely
+from ..io.adapter_io import save_adapter
+from ..io.authors_adapter_format import (BaseLayout, adapter_from_authors_state_dict, authors_layer_keys,
+                                         torch_load_safely)
 from ..method.layers import MemoryLayerSpec
+from .model_files import resolve_model_file
 
 UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 SD1_CONTEXT_DIM = 768  # SD1.x uses 8 heads; SD2.x and SDXL use heads of 64 channels
@@ -90,8 +92,6 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="where to write the .safetensors adapter")
     args = parser.parse_args(argv)
     try:
-        from ..comfy_bridge.model_files import resolve_model_file  # ComfyUI only to look a name up
-
         path = convert(resolve_model_file(args.adapter, "adapter"), resolve_model_file(args.base, "checkpoint"),
                        args.out)
     except (ValueError, FileNotFoundError) as error:
