@@ -85,7 +85,7 @@ def test_train_reads_the_authors_layout_augments_online_skips_bad_rows_and_resum
 def test_prepared_subjects200k_trains_and_precomputes_k_variants(base, tmp_path):
     from comfyui_dreamcache.dreamcache_core.training import prepare_subjects200k as prep
     from comfyui_dreamcache.dreamcache_core.training.train import main as train
-    from comfyui_dreamcache.dreamcache_core.training.training_data import PrecomputedStore
+    from comfyui_dreamcache.dreamcache_core.training.precomputed_store import PrecomputedStore
 
     parquet = tmp_path / "s200k" / "data"
     write_subjects200k(parquet / "train-00000-of-00001.parquet",

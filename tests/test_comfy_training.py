@@ -32,7 +32,8 @@ def world(tmp_path_factory):
     import_comfy()
     from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
     from comfyui_dreamcache.dreamcache_core.io.image_files import save_png
-    from comfyui_dreamcache.dreamcache_core.training.training_data import generator_for, read_manifest, write_manifest
+    from comfyui_dreamcache.dreamcache_core.training.sample_draws import generator_for
+    from comfyui_dreamcache.dreamcache_core.training.training_manifest import read_manifest, write_manifest
 
     root = tmp_path_factory.mktemp("toy_manifest")
     train, _ = tw.split_subjects()
@@ -80,7 +81,7 @@ def make_trainer(model, source, config, adapter_seed=0):
 
 
 def fixed_draws(count=N_SAMPLES, timestep=600):
-    from comfyui_dreamcache.dreamcache_core.training.training_data import SampleDraw
+    from comfyui_dreamcache.dreamcache_core.training.sample_draws import SampleDraw
 
     return [SampleDraw(i, i % N_SAMPLES, timestep, False, False, 1000 + i) for i in range(count)]
 
@@ -179,7 +180,7 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
 
 
 def test_precomputed_and_on_the_fly_data_give_the_same_loss(world, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training.training_data import PrecomputedStore
+    from comfyui_dreamcache.dreamcache_core.training.precomputed_store import PrecomputedStore
     from comfyui_dreamcache.dreamcache_core.training.training_sources import StoreSource, precompute
 
     model = make_model()
@@ -241,7 +242,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(world, tmp_pat
 
 
 def test_dropout_uses_the_empty_caption_and_the_null_reference(world, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training.training_data import SampleDraw
+    from comfyui_dreamcache.dreamcache_core.training.sample_draws import SampleDraw
 
     model = make_model()
     source = make_source(world)

@@ -21,7 +21,8 @@ SIDE = 32  # toy images: 32 px, 8x8 latents
 def write_toy_manifest(root, salt, count):
     from comfyui_dreamcache.dreamcache_core.io.image_files import save_png
     from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.training.training_data import generator_for, write_manifest
+    from comfyui_dreamcache.dreamcache_core.training.sample_draws import generator_for
+    from comfyui_dreamcache.dreamcache_core.training.training_manifest import write_manifest
 
     train, held_out = tw.split_subjects()
     subjects = train if salt == "train" else held_out
@@ -69,7 +70,7 @@ def toy(tmp_path_factory):
 
 def manifest_source(path):
     from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
-    from comfyui_dreamcache.dreamcache_core.training.training_data import read_manifest
+    from comfyui_dreamcache.dreamcache_core.training.training_manifest import read_manifest
     from comfyui_dreamcache.dreamcache_core.training.training_sources import ManifestSource
 
     return ManifestSource(read_manifest(str(path)), tw.ToyImageEncoder(), tw.ToyTextEncoder(TOY_CONTEXT), SIDE,
@@ -290,7 +291,7 @@ def test_validation_refuses_what_it_cannot_do(toy, tmp_path):
 # --------------------------------------------------------------------------
 
 def test_adafactor_trains_resumes_exactly_and_keeps_little_state(toy, tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training.training_data import SampleDraw
+    from comfyui_dreamcache.dreamcache_core.training.sample_draws import SampleDraw
     from comfyui_dreamcache.dreamcache_core.training.training_loop import latest_checkpoint
 
     source = manifest_source(toy["train"])

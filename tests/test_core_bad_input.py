@@ -285,7 +285,7 @@ def test_dataset_cli_reports_a_missing_folder_in_one_line_with_exit_code_2(tmp_p
 def test_validate_warns_about_relative_paths_leaving_the_dataset_folder_and_keeps_absolute_ones(tmp_path, capsys):
     from comfyui_dreamcache.dreamcache_core.training.dataset import main
     from comfyui_dreamcache.dreamcache_core.io.image_files import save_png
-    from comfyui_dreamcache.dreamcache_core.training.training_data import read_manifest
+    from comfyui_dreamcache.dreamcache_core.training.training_manifest import read_manifest
 
     image = torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(0))
     outside, data = tmp_path / "elsewhere", tmp_path / "data"

@@ -19,7 +19,8 @@ from comfyui_dreamcache.dreamcache_core.training import subjects200k as s2
 from comfyui_dreamcache.dreamcache_core.training.authors_layout import AuthorsLayout, is_authors_layout
 from comfyui_dreamcache.dreamcache_core.training.data_formats import detect_data_format, open_manifest
 from comfyui_dreamcache.dreamcache_core.training.reference_augmentation import AuthorsAugmentation
-from comfyui_dreamcache.dreamcache_core.training.training_data import PrecomputedStore, draw_sample
+from comfyui_dreamcache.dreamcache_core.training.precomputed_store import PrecomputedStore
+from comfyui_dreamcache.dreamcache_core.training.sample_draws import draw_sample
 from comfyui_dreamcache.dreamcache_core.training.training_sources import ManifestSource, StoreSource, precompute
 
 pytest.importorskip("pyarrow")
@@ -149,7 +150,7 @@ def test_precompute_stores_k_variants_and_draws_pick_them_reproducibly(authors, 
 
 
 def test_store_without_variants_reads_as_before(tmp_path):
-    from comfyui_dreamcache.dreamcache_core.training.training_data import PreparedSample
+    from comfyui_dreamcache.dreamcache_core.training.precomputed_store import PreparedSample
 
     store = PrecomputedStore(str(tmp_path / "s"))
     sample = PreparedSample(torch.randn(4, 2, 2), torch.randn(4, 2, 2), torch.randn(3, 8), None, torch.rand(8, 8))

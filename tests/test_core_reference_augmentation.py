@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from comfyui_dreamcache.dreamcache_core.training import reference_augmentation as ra
-from comfyui_dreamcache.dreamcache_core.training.training_data import draw_sample, generator_for
+from comfyui_dreamcache.dreamcache_core.training.sample_draws import draw_sample, generator_for
 
 N = 3000
 SIZE = 32
@@ -178,7 +178,7 @@ def test_canonical_reference_is_the_subject_centred_on_white():
 
 
 def test_empty_mask_is_an_unusable_row():
-    from comfyui_dreamcache.dreamcache_core.training.training_data import UnusableRow
+    from comfyui_dreamcache.dreamcache_core.training.training_manifest import UnusableRow
 
     image, _, _ = two_colour_subject()
     with pytest.raises(UnusableRow, match="marks no subject"):

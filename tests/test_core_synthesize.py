@@ -16,7 +16,7 @@ from comfyui_dreamcache.dreamcache_core.masking import subject_filters as sf
 from comfyui_dreamcache.dreamcache_core.training import synthesize as syn
 from comfyui_dreamcache.dreamcache_core.training import synthetic_captions as sc
 from comfyui_dreamcache.dreamcache_core.training.sharded_manifest import ShardedManifest, is_sharded
-from comfyui_dreamcache.dreamcache_core.training.training_data import read_manifest
+from comfyui_dreamcache.dreamcache_core.training.training_manifest import read_manifest
 
 SIDE = 32
 

@@ -8,9 +8,9 @@ import torch
 from comfyui_dreamcache.dreamcache_core.toy import toy_world as tw
 from comfyui_dreamcache.dreamcache_core.training.dataset import AugmentSettings, augment_reference, build_dataset, main
 from comfyui_dreamcache.dreamcache_core.io.image_files import load_image, load_mask, save_png
-from comfyui_dreamcache.dreamcache_core.training.training_data import (PrecomputedStore, PreparedSample, SpecialInputs,
-                                                              draw_sample, generator_for, read_manifest, sample_index,
-                                                              write_manifest)
+from comfyui_dreamcache.dreamcache_core.training.precomputed_store import (PrecomputedStore, PreparedSample, SpecialInputs)
+from comfyui_dreamcache.dreamcache_core.training.sample_draws import draw_sample, generator_for, sample_index
+from comfyui_dreamcache.dreamcache_core.training.training_manifest import read_manifest, write_manifest
 
 
 def _subject_image(seed=0, size=32):

@@ -57,7 +57,8 @@ from ..method.cache import combine_caches
 from ..method.controls import Controls
 from ..method.patch import POSITIVE_CHUNK
 from ..training.train import main as train_main
-from ..training.training_data import PrecomputedStore, PreparedSample, SpecialInputs, generator_for
+from ..training.precomputed_store import PrecomputedStore, PreparedSample, SpecialInputs
+from ..training.sample_draws import generator_for
 from ..training.training_loss import LossRow, denoising_losses, sigma_of_timestep
 from ..training.training_sources import StoreSource, precompute
 

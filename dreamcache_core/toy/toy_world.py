@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..training.toy_encoders import ToyImageEncoder, ToyTextEncoder  # noqa: F401 (the world's encoders)
-from ..training.training_data import generator_for
+from ..training.sample_draws import generator_for
 from ..masking.reference_mask import cut_subject_on_white
 from ..training.dataset import AugmentSettings, augment_reference
 

@@ -8,7 +8,7 @@ triplets named by a common stem::
     <root>/<object>/<stem>_mask.png         the subject's mask (white = subject)
 
 ``AuthorsLayout(root)`` scans the folders once (directory listings only, no file is opened: the set has
-about 400K files) and behaves like ``training_data.Manifest`` for the trainer: ``rows[i]`` is a
+about 400K files) and behaves like ``training_manifest.Manifest`` for the trainer: ``rows[i]`` is a
 ``ManifestRow`` whose target and reference are the same ``_generation.png`` and whose mask is the
 ``_mask.png``; its caption is read when the row is asked for. Triplets missing their mask or caption are
 skipped at the scan with the reason; a corrupt image, an empty caption or an empty mask is found when the row
@@ -23,7 +23,7 @@ import os
 from collections import Counter
 from typing import Optional
 
-from .training_data import ManifestRow, SkippedRow, UnusableRow
+from .training_manifest import ManifestRow, SkippedRow, UnusableRow
 
 GENERATION_SUFFIX = "_generation.png"
 CAPTION_SUFFIX = "_caption.txt"

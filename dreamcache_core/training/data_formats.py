@@ -1,6 +1,6 @@
 """What ``train --data PATH`` points at, told apart from the path itself (plain python).
 
-* ``manifest``: a JSONL manifest file (``training_data``);
+* ``manifest``: a JSONL manifest file (``training_manifest``);
 * ``sharded``: a folder (or its index.json) written by ``synthesize`` (``sharded_manifest``);
 * ``store``: a folder written by ``train --precompute`` (``store.json``);
 * ``authors``: the authors' released layout, object folders of ``<stem>_generation.png`` / ``_caption.txt`` /
@@ -19,7 +19,8 @@ import os
 
 from .authors_layout import is_authors_layout, AuthorsLayout
 from .sharded_manifest import INDEX_FILE, is_sharded, ShardedManifest
-from .training_data import PrecomputedStore, read_manifest
+from .precomputed_store import PrecomputedStore
+from .training_manifest import read_manifest
 
 DATA_FORMATS = ("auto", "manifest", "sharded", "store", "authors", "subjects200k")
 AUGMENTED_BY_DEFAULT = ("authors", "subjects200k")

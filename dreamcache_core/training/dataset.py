@@ -21,7 +21,7 @@ are masks, not images):
 Every image is validated (readable, has a caption, has a non-empty mask, the
 subject survives augmentation); what is skipped is listed with the reason in
 the report (printed and written to ``<out>/skipped.txt``). The manifest format
-is documented in ``training_data``.
+is documented in ``training_manifest``.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from ..io.image_files import IMAGE_EXTENSIONS, check_image_file, load_image, load_mask, save_png
 from ..masking.sam_segmenter import SamSegmenter
-from .training_data import ManifestRow, generator_for, read_manifest, write_manifest
+from .sample_draws import generator_for
+from .training_manifest import ManifestRow, read_manifest, write_manifest
 from ..comfy_bridge.model_files import resolve_model_file
 from ..masking.reference_mask import EmptyMaskError, resize_mask, cut_subject_on_white
 

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .training_data import UnusableRow
+from .training_manifest import UnusableRow
 
 AUGMENT_MODES = ("authors", "none")
 FOREGROUND = 0.5       # mask values at or above this are subject

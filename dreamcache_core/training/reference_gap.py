@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .training_data import generator_for
+from .sample_draws import generator_for
 from .training_loss import LossRow, denoising_losses, sigma_of_timestep
 
 TIMESTEP_BANDS = (("low", 0, 332), ("mid", 333, 665), ("high", 666, 999))

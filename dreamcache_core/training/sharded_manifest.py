@@ -3,10 +3,10 @@
 Layout (written by ``synthesize``)::
 
     <root>/index.json                  the shards in order, with their row counts
-    <root>/shard-00000/manifest.jsonl  an ordinary manifest (see training_data), paths relative to its folder
+    <root>/shard-00000/manifest.jsonl  an ordinary manifest (see training_manifest), paths relative to its folder
     <root>/shard-00001/manifest.jsonl  ...
 
-``ShardedManifest`` behaves like ``training_data.Manifest`` for the trainer
+``ShardedManifest`` behaves like ``training_manifest.Manifest`` for the trainer
 (``path``, ``rows``, ``skipped``, ``report()``), but its ``rows`` is a sequence
 that opens a shard's manifest only when one of its rows is asked for and keeps
 a few shards in memory: hundreds of thousands of rows never sit in memory at once.
@@ -20,7 +20,7 @@ import os
 from collections import OrderedDict
 from typing import Optional
 
-from .training_data import ManifestRow, read_manifest
+from .training_manifest import ManifestRow, read_manifest
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "dreamcache-sharded-manifest"

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .training_data import UnusableRow
+from .training_manifest import UnusableRow
 
 COLUMNS = ("image", "description", "quality_assessment", "collection")
 QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")

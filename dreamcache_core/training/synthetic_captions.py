@@ -21,7 +21,7 @@ from typing import Iterator
 
 import torch
 
-from .training_data import generator_for
+from .sample_draws import generator_for
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 VOCABULARY_FILES = {"adjectives": "synthetic_adjectives.txt", "materials": "synthetic_materials.txt",

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .training_data import generator_for
+from .sample_draws import generator_for
 
 SD15_SCALE = 0.18215
 _MIX = torch.tensor([[1 / math.sqrt(3)] * 3,

@@ -28,7 +28,7 @@ grid of samples with and without the adapter (validation/step-N.png, also in
 TensorBoard) and the held-out matched-vs-shuffled reference gap
 (reference_gap.csv; see training.validation).
 
---data is a JSONL manifest (see training_data; build one with
+--data is a JSONL manifest (see training_manifest; build one with
 ``python -m dreamcache_core.training.dataset``), or a sharded one (``python -m
 dreamcache_core.training.synthesize``'s folder, read shard by shard), the authors'
 released layout (object folders of <stem>_generation.png, _caption.txt, _mask.png),
@@ -57,7 +57,7 @@ from ..comfy_bridge.models import DTYPES, model_from_unet_config, read_unet_conf
 from ..io.adapter_io import load_adapter
 from ..method.adapter import build_adapter
 from ..method.layers import discover_memory_layers, model_signature
-from .training_data import PrecomputedStore
+from .precomputed_store import PrecomputedStore
 from .training_sources import (ComfyImageEncoder, ComfyTextEncoder, ManifestSource, StoreSource, ComfyImageDecoder,
                                precompute)
 from .validation import ValidationSettings, Validator

@@ -3,7 +3,7 @@
 Only the adapter's parameters are optimised (AdamW, or Adafactor: ``make_optimizer``); every base-model tensor
 is frozen (``requires_grad_(False)``) and never handed to the optimizer. One
 optimizer step consumes ``batch_size * grad_accum * world_size`` samples,
-drawn from the epoch-shuffled stream of ``training_data.draw_sample``: the
+drawn from the epoch-shuffled stream of ``sample_draws.draw_sample``: the
 k-th sample of the run always gets the same dataset row, timestep, noise and
 dropout decisions, whatever the number of processes, and a resumed run
 continues the very same stream.
@@ -39,7 +39,7 @@ import torch
 
 from ..io.adapter_io import load_adapter, save_adapter
 from ..io.memory_probes import proc_status_bytes
-from .training_data import SampleDraw, draw_sample
+from .sample_draws import SampleDraw, draw_sample
 from .reference_gap import GAP_FIELDS, TIMESTEP_BANDS, band_index
 from .training_loss import LossRow, denoising_losses, gradient_checkpointing, sigma_of_timestep
 from .training_sources import null_reference_cache, reference_cache

@@ -19,8 +19,10 @@ import torch
 
 from ..io.image_files import load_image, load_mask
 from .reference_augmentation import augment_reference, canonical_reference
-from .training_data import (BROKEN_ROW_ERRORS, Manifest, PrecomputedStore, PreparedSample, SampleDraw, SpecialInputs,
-                            encode_seed, generator_for, prepare_reference, resize_center_crop)
+from .precomputed_store import PrecomputedStore, PreparedSample, SpecialInputs
+from .sample_draws import SampleDraw, encode_seed, generator_for
+from .sample_images import prepare_reference, resize_center_crop
+from .training_manifest import BROKEN_ROW_ERRORS, Manifest
 from ..comfy_bridge import encode_reference
 from ..method.layers import model_signature
 
