@@ -44,155 +44,27 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from ..comfy_bridge.pipeline import GUIDANCE_MODES, Pipeline, Sampler, load_pipeline
 from ..io.file_hashes import describe_file
-from ..io.image_files import list_images, load_image, load_mask, save_png
-from ..io.prompt_files import read_prompts_file
+from ..io.image_files import load_image, load_mask, save_png
 from ..masking.sam_segmenter import SamSegmenter
-from ..comfy_bridge import encode_reference, ensure_comfyui
+from ..comfy_bridge import ensure_comfyui
 from ..comfy_bridge.model_files import resolve_model_file
 from ..comfy_bridge.sampling import comfyui_environment
-from ..data import dreambench_prompts, dreambench_subject, dreambench_subjects
 from ..io.adapter_io import load_adapter
-from ..masking.reference_mask import DEFAULT_MARGIN, as_mask_batch, cut_subjects_on_white, image_alpha, image_to_rgb
 from ..io.cache_files import load_cache, save_cache
+from .generation_jobs import Job, dreambench_jobs, plain_job, resolve_seeds
+from .generation_references import encode_cache, prepare_reference
 
 SETTINGS_FILE = "settings.json"
 SETTINGS_FORMAT = "dreamcache-generate"
 SETTINGS_VERSION = 1
 # settings that describe where files go or how the run is logged, not what is generated
 NON_GENERATIVE = {"out", "replay", "skip_existing", "comfyui", "cpu", "quiet"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# references
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Reference:
-    """A prepared reference: the image given to Encode (subject on white) and its mask (None: unmasked)."""
-
-    image: torch.Tensor  # [1, S, S, 3]
-    mask: Optional[torch.Tensor]  # [1, S, S] or None
-    mask_source: str  # "mask file", "transparency", "sam", "none"
-    source: Optional[str] = None
-
-
-def prepare_reference(image: torch.Tensor, size: int, mask: Optional[torch.Tensor] = None,
-                      segmenter: Optional[Callable] = None, allow_unmasked: bool = True,
-                      margin: Optional[float] = None, source: Optional[str] = None) -> Reference:
-    """What Mask Reference does: the subject (mask > transparency > SAM) centred on a white size x size square.
-
-    Without any of them the reference is only resized to a square (unmasked), or refused when
-    ``allow_unmasked`` is False.
-    """
-    margin = DEFAULT_MARGIN if margin is None else margin
-    if image.ndim == 3:
-        image = image.unsqueeze(0)
-    alpha = image_alpha(image)
-    if mask is not None:
-        subject, how = as_mask_batch(mask), "mask file"
-    elif alpha is not None:
-        subject, how = alpha, "transparency"
-    elif segmenter is not None:
-        subject, how = torch.stack([segmenter(image_to_rgb(i)) for i in image]), "sam"
-    else:
-        if not allow_unmasked:
-            raise ValueError("The reference must be masked (the paper caches the subject on white): give --sam "
-                             "with a SAM checkpoint, a mask (--reference-mask / --reference-masks), or an image with "
-                             "transparency; or pass --unmasked-references to use the whole image.")
-        rgb = image_to_rgb(image).permute(0, 3, 1, 2)
-        side = min(rgb.shape[-2:])
-        top, left = (rgb.shape[-2] - side) // 2, (rgb.shape[-1] - side) // 2
-        square = rgb[..., top:top + side, left:left + side]
-        resized = torch.nn.functional.interpolate(square, size=(size, size), mode="bilinear", antialias=True,
-                                                  align_corners=False).clamp(0, 1)
-        return Reference(resized.permute(0, 2, 3, 1).contiguous(), None, "none", source)
-    cut, cut_mask = cut_subjects_on_white(image, subject, size, margin)
-    return Reference(cut, cut_mask, how, source)
-
-
-def encode_cache(pipeline: Pipeline, reference: Reference, encode_conditioning, seed: int, token_mask: bool = True):
-    """Encode DreamCache on the prepared reference (the mask, when there is one, drops background tokens)."""
-    latent = pipeline.encode_image(reference.image)
-    mask = reference.mask if (token_mask and reference.mask is not None) else None
-    return encode_reference(pipeline.model, latent, encode_conditioning, seed, mask)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# jobs: what to generate
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Job:
-    """One reference (image or cache) and its prompts."""
-
-    name: str  # subfolder ("" = the output folder itself)
-    prompts: list  # [(prompt_index, prompt)]
-    reference_image: Optional[str] = None
-    reference_mask: Optional[str] = None
-    cache: Optional[str] = None
-    subject: Optional[str] = None
-    class_name: Optional[str] = None
-    kind: Optional[str] = None
-    real_images: list = field(default_factory=list)
-
-
-def dreambench_jobs(settings: dict) -> list[Job]:
-    dataset = settings["dreambench"]
-    if not os.path.isdir(dataset):
-        raise ValueError(f"--dreambench {dataset} is not a folder. Point it at the 'dataset' folder of a copy of "
-                         "github.com/google/dreambooth (one subfolder of images per subject).")
-    names = settings["subjects"] or [s.name for s in dreambench_subjects()]
-    jobs = []
-    for name in names:
-        subject = dreambench_subject(name)
-        folder = os.path.join(dataset, subject.name)
-        if not os.path.isdir(folder):
-            raise ValueError(f"DreamBench subject folder {folder} is missing: --dreambench must be the dreambooth "
-                             "'dataset' folder holding all 30 subject folders (or select some with --subjects).")
-        images = list_images(folder)
-        index = settings["reference_index"]
-        if not images or index >= len(images):
-            raise ValueError(f"{folder} has {len(images)} images; --reference-index {index} is out of range.")
-        prompts = dreambench_prompts(subject, settings["unique_token"])
-        if settings["max_prompts"]:
-            prompts = prompts[:settings["max_prompts"]]
-        mask = None
-        if settings["reference_masks"]:
-            mask = os.path.join(settings["reference_masks"], f"{subject.name}.png")
-            if not os.path.isfile(mask):
-                raise ValueError(f"--reference-masks has no {subject.name}.png (white = subject) for {images[index]}.")
-        jobs.append(Job(subject.name, list(enumerate(prompts)), reference_image=images[index], reference_mask=mask,
-                        subject=subject.name, class_name=subject.class_name, kind=subject.kind, real_images=images))
-    return jobs
-
-
-def plain_job(settings: dict) -> Job:
-    prompts = list(settings["prompt"] or [])
-    if settings["prompts_file"]:
-        prompts += read_prompts_file(settings["prompts_file"])
-    if not prompts:
-        raise ValueError("Give at least one prompt: --prompt TEXT (repeatable) or --prompts-file FILE.")
-    if settings["guidance"] != "off" and not (settings["reference"] or settings["cache"]):
-        raise ValueError("Give the subject: --reference IMAGE (with --reference-mask or --sam to cut it out) or "
-                         "--cache FILE (saved by Save DreamCache); or --guidance off for the unpersonalised model.")
-    if settings["reference"] and settings["cache"]:
-        raise ValueError("Give either --reference or --cache, not both.")
-    return Job("", list(enumerate(prompts)), reference_image=settings["reference"],
-               reference_mask=settings["reference_mask"], cache=settings["cache"], subject=settings["subject_name"],
-               class_name=settings["class_name"])
-
-
-def resolve_seeds(settings: dict) -> list[int]:
-    if settings["seeds"]:
-        return [int(s) for s in settings["seeds"]]
-    return [settings["seed"] + n for n in range(settings["images_per_prompt"])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
