@@ -39,8 +39,9 @@ from typing import Callable, Optional
 from ..masking.subject_filters import Detection, FilterSettings, mask_fraction, rejection
 from .sharded_manifest import shard_name
 from .subjects200k import QUALITY_KEYS, QUALITY_MAX, BadRow, decode_picture, iter_rows, split_views, survey
-from .synthesize import (KEPT, ShardState, add_segmentation_arguments, finish_shard, owns_shard, rank_and_world,
-                         read_shard_summary, row_id, shard_of, write_index_if_complete, make_segmenter)
+from .synthesis_shards import (KEPT, finish_shard, owns_shard, rank_and_world, read_shard_summary, row_id, shard_of,
+                               write_index_if_complete)
+from .synthesize import ShardState, add_segmentation_arguments, make_segmenter
 from .training_manifest import UnusableRow
 from ..io.image_files import save_png
 from ..masking.reference_mask import EmptyMaskError, cut_subject_on_white

@@ -44,215 +44,25 @@ import json
 import math
 import os
 import sys
-from collections import Counter
-from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 
 from ..comfy_bridge.pipeline import Sampler, load_pipeline
-from ..io.file_hashes import file_sha256
-from .sharded_manifest import SHARD_MANIFEST, shard_name, write_index
-from ..masking.subject_filters import EMPTY_MASK, REASONS, Detection, FilterSettings, mask_fraction, rejection
+from .sharded_manifest import shard_name
+from ..masking.subject_filters import EMPTY_MASK, Detection, FilterSettings, mask_fraction, rejection
 from .synthetic_captions import (CaptionRow, CaptionsFileError, count_captions, read_captions, write_captions,
                                  distinct_object_count)
 from ..comfy_bridge import ensure_comfyui
 from ..comfy_bridge.model_files import resolve_model_file
-from ..io.image_files import check_image_file, save_png, load_image
+from ..io.image_files import save_png, load_image
 from ..masking.reference_mask import EmptyMaskError
 from ..masking.text_segmenter import AutomaticSam, GroundedSam
-from .dataset import BuildReport, write_report, add_references
-
-SETTINGS_FILE = "synthesis.json"
-SETTINGS_FORMAT = "dreamcache-synthesis"
-PROGRESS_FILE = "progress.jsonl"
-SHARD_SUMMARY = "shard.json"
-KEPT = "kept"
-
-
-@dataclass(frozen=True)
-class SynthesisSettings:
-    """What decides the rows (a rerun into the same folder must use the same)."""
-
-    seed: int = 0
-    shard_size: int = 1000
-    references_per_image: int = 1
-    reference_size: int = 512
-    margin: float = 0.1
-    filters: FilterSettings = FilterSettings()
-    render: dict = field(default_factory=dict)     # the renderer's settings (checkpoint, size, steps, cfg, ...)
-    segmenter: dict = field(default_factory=dict)  # which segmenter (recorded)
-
-    def __post_init__(self):
-        if self.shard_size < 1 or self.references_per_image < 1 or self.reference_size < 8:
-            raise ValueError("--shard-size and --references-per-image must be at least 1, --reference-size at least 8.")
-
-
-@dataclass
-class Summary:
-    """Counts of one run of one rank (and, once all shards are done, of the whole set)."""
-
-    kept: int = 0           # images kept
-    rows: int = 0           # manifest rows written (kept x references that stayed in frame)
-    skipped: Counter = field(default_factory=Counter)  # reason -> images
-    rendered: int = 0       # targets rendered by this run (the rest were already on disk)
-    resumed: int = 0        # rows already finished by an earlier run
-    shards_finished: list = field(default_factory=list)
-    index: Optional[str] = None
-
-    def add(self, outcome: dict) -> None:
-        if outcome["status"] == KEPT:
-            self.kept += 1
-            self.rows += len(outcome["rows"])
-        else:
-            self.skipped[outcome["reason"]] += 1
-
-    def text(self) -> str:
-        skipped = ", ".join(f"{reason} {self.skipped[reason]}" for reason in REASONS if self.skipped[reason])
-        extra = sorted(set(self.skipped) - set(REASONS))
-        skipped += "".join(f", {reason} {self.skipped[reason]}" for reason in extra)
-        line = (f"{self.kept} images kept ({self.rows} manifest rows), {sum(self.skipped.values())} skipped"
-                + (f" ({skipped})" if skipped else "")
-                + f"; {self.rendered} rendered now, {self.resumed} done by an earlier run")
-        if self.index:
-            line += f"; index {self.index}"
-        return line
-
-
-# --------------------------------------------------------------------------
-# Ranks and shards
-# --------------------------------------------------------------------------
-
-def rank_and_world(rank: Optional[int] = None, world: Optional[int] = None) -> tuple:
-    """(rank, world size): the explicit values, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
-    rank = int(os.environ.get("RANK", "0")) if rank is None else int(rank)
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else int(world)
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"The rank must lie in 0..world size - 1 (got rank {rank} of world size {world}).")
-    return rank, world
-
-
-def shard_of(number: int, shard_size: int) -> int:
-    return number // shard_size
-
-
-def owns_shard(shard: int, rank: int, world: int) -> bool:
-    return shard % world == rank
-
-
-def row_id(number: int) -> str:
-    return f"{number:08d}"
-
-
-def row_seed(settings: SynthesisSettings, number: int) -> int:
-    return settings.seed + number
-
-
-# --------------------------------------------------------------------------
-# Files of a shard
-# --------------------------------------------------------------------------
-
-def image_is_valid(path: str) -> bool:
-    return check_image_file(path, "image") is None
-
-
-def read_progress(shard_dir: str) -> dict:
-    """row number -> outcome, from a shard's progress.jsonl (a torn last line, from a crash, is ignored)."""
-    outcomes = {}
-    path = os.path.join(shard_dir, PROGRESS_FILE)
-    if not os.path.isfile(path):
-        return outcomes
-    with open(path, encoding="utf-8") as handle:
-        for text in handle:
-            try:
-                outcome = json.loads(text)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(outcome, dict) and "number" in outcome and "status" in outcome:
-                outcomes[int(outcome["number"])] = outcome
-    return outcomes
-
-
-def outcome_is_intact(outcome: dict, shard_dir: str) -> bool:
-    """A finished row still counts when every image file it points to is a readable image."""
-    if outcome["status"] != KEPT:
-        return True
-    paths = [os.path.join(shard_dir, row[key]) for row in outcome["rows"] for key in ("target", "reference",
-                                                                                        "reference_mask")]
-    return bool(outcome["rows"]) and all(image_is_valid(path) for path in paths)
-
-
-def finish_shard(shard_dir: str, outcomes: dict, numbers: range) -> dict:
-    """Write the shard's manifest.jsonl, skipped.txt and shard.json from its outcomes (in row order)."""
-    report = BuildReport()
-    counts = Counter()
-    for number in numbers:
-        outcome = outcomes[number]
-        if outcome["status"] == KEPT:
-            report.rows.extend(outcome["rows"])
-            counts[KEPT] += 1
-        else:
-            report.skipped.append((row_id(number), f"{outcome['reason']}: {outcome['detail']}"))
-            counts[outcome["reason"]] += 1
-        report.skipped.extend((name, reason) for name, reason in outcome.get("skipped_references", []))
-    write_report(report, shard_dir, SHARD_MANIFEST)
-    summary = {"rows": len(report.rows), "kept": counts.pop(KEPT, 0), "skipped": dict(sorted(counts.items())),
-               "first": numbers.start, "stop": numbers.stop}
-    with open(os.path.join(shard_dir, SHARD_SUMMARY), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=1, sort_keys=True)
-    return summary
-
-
-def read_shard_summary(shard_dir: str) -> Optional[dict]:
-    path = os.path.join(shard_dir, SHARD_SUMMARY)
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(shard_dir, SHARD_MANIFEST)):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
-def write_index_if_complete(out_dir: str, total: int, shard_size: int) -> Optional[str]:
-    """index.json once every shard of the set is finished (by any rank); None while some are not."""
-    shards, kept, skipped = [], 0, Counter()
-    for shard in range(math.ceil(total / shard_size)):
-        summary = read_shard_summary(os.path.join(out_dir, shard_name(shard)))
-        if summary is None:
-            return None
-        shards.append((shard_name(shard), summary["rows"]))
-        kept += summary["kept"]
-        skipped.update(summary["skipped"])
-    return write_index(out_dir, shards, {"images_kept": kept, "images_skipped": dict(sorted(skipped.items())),
-                                         "captions": total})
-
-
-def missing_shards(out_dir: str, total: int, shard_size: int) -> list:
-    return [shard_name(s) for s in range(math.ceil(total / shard_size))
-            if read_shard_summary(os.path.join(out_dir, shard_name(s))) is None]
-
-
-def check_settings(out_dir: str, settings: SynthesisSettings, captions_path: str, total: int) -> None:
-    """Write synthesis.json, or refuse when the folder was started with other settings or captions."""
-    record = {"format": SETTINGS_FORMAT, "settings": json.loads(json.dumps(asdict(settings))),
-              "captions": {"rows": total, "sha256": file_sha256(captions_path)}}
-    path = os.path.join(out_dir, SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
-        if previous.get("format") != SETTINGS_FORMAT:
-            raise ValueError(f"{path} was not written by dreamcache_core.training.synthesize; choose another --out folder.")
-        for key in ("settings", "captions"):
-            if previous.get(key) != record[key]:
-                changed = sorted(k for k in set(previous.get(key, {})) | set(record[key])
-                                 if previous.get(key, {}).get(k) != record[key].get(k))
-                raise ValueError(f"{out_dir} was started with other {key} ({', '.join(changed)} differ); resume with "
-                                 f"the same ones (see {path}) or choose another --out folder.")
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-    os.replace(temporary, path)
-
+from .dataset import BuildReport, add_references
+from .synthesis_shards import (KEPT, PROGRESS_FILE, SETTINGS_FILE, Summary, SynthesisSettings, check_settings,
+                               finish_shard, image_is_valid, missing_shards, outcome_is_intact, owns_shard,
+                               rank_and_world, read_progress, read_shard_summary, row_id, row_seed, shard_of,
+                               write_index_if_complete)
 
 # --------------------------------------------------------------------------
 # One row
