@@ -39,8 +39,8 @@ from typing import Callable, Optional
 from ..masking.subject_filters import Detection, FilterSettings, mask_fraction, rejection
 from .sharded_manifest import shard_name
 from .subjects200k import QUALITY_KEYS, QUALITY_MAX, BadRow, decode_picture, iter_rows, split_views, survey
-from .synthesis_shards import (KEPT, finish_shard, owns_shard, rank_and_world, read_shard_summary, row_id, shard_of,
-                               write_index_if_complete)
+from .synthesis_shards import (KEPT, finish_shard, keep_run_record, owns_shard, rank_and_world, read_shard_summary,
+                               row_id, shard_of, write_index_if_complete)
 from .synthesize import ShardState, add_segmentation_arguments, make_segmenter
 from .training_manifest import UnusableRow
 from ..io.image_files import save_png
@@ -190,22 +190,7 @@ def check_settings(out_dir: str, settings: PreparationSettings, files: list) -> 
     """Write prepare.json, or refuse when the folder was started with other settings or other files."""
     record = {"format": SETTINGS_FORMAT, "settings": json.loads(json.dumps(asdict(settings))),
               "parquet": [{"file": os.path.basename(f.path), "rows": f.rows} for f in files if not f.problem]}
-    path = os.path.join(out_dir, SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            previous = json.load(handle)
-        if previous.get("format") != SETTINGS_FORMAT:
-            raise ValueError(f"{path} was not written by prepare_subjects200k; choose another --out folder.")
-        for key in ("settings", "parquet"):
-            if previous.get(key) != record[key]:
-                raise ValueError(f"{out_dir} was started with other {key} (see {path}); resume with the same ones "
-                                 "or choose another --out folder.")
-        return
-    os.makedirs(out_dir, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-    os.replace(temporary, path)
+    keep_run_record(out_dir, SETTINGS_FILE, record, "prepare_subjects200k")
 
 
 def mark_index(index: str, settings: PreparationSettings) -> None:

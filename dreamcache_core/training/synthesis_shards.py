@@ -189,21 +189,36 @@ def check_settings(out_dir: str, settings: SynthesisSettings, captions_path: str
     """Write synthesis.json, or refuse when the folder was started with other settings or captions."""
     record = {"format": SETTINGS_FORMAT, "settings": json.loads(json.dumps(asdict(settings))),
               "captions": {"rows": total, "sha256": file_sha256(captions_path)}}
-    path = os.path.join(out_dir, SETTINGS_FILE)
+    keep_run_record(out_dir, SETTINGS_FILE, record, "dreamcache_core.training.synthesize")
+
+
+def keep_run_record(out_dir: str, file_name: str, record: dict, writer: str) -> None:
+    """Write ``record`` (its "format", then what a rerun into ``out_dir`` must repeat) as ``out_dir/file_name``, or,
+    when the folder already holds one, refuse unless it was written by ``writer`` with the same values: a resumed
+    run (synthesis, Subjects200K preparation) continues only what the same settings and inputs started."""
+    path = os.path.join(out_dir, file_name)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             previous = json.load(handle)
-        if previous.get("format") != SETTINGS_FORMAT:
-            raise ValueError(f"{path} was not written by dreamcache_core.training.synthesize; choose another --out folder.")
-        for key in ("settings", "captions"):
+        if previous.get("format") != record["format"]:
+            raise ValueError(f"{path} was not written by {writer}; choose another --out folder.")
+        for key in record:
             if previous.get(key) != record[key]:
-                changed = sorted(k for k in set(previous.get(key, {})) | set(record[key])
-                                 if previous.get(key, {}).get(k) != record[key].get(k))
-                raise ValueError(f"{out_dir} was started with other {key} ({', '.join(changed)} differ); resume with "
-                                 f"the same ones (see {path}) or choose another --out folder.")
+                changed = differing_fields(previous.get(key), record[key])
+                detail = f" ({', '.join(changed)} differ)" if changed else ""
+                raise ValueError(f"{out_dir} was started with other {key}{detail}; resume with the same ones (see "
+                                 f"{path}) or choose another --out folder.")
         return
     os.makedirs(out_dir, exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=1, sort_keys=True)
     os.replace(temporary, path)
+
+
+def differing_fields(previous, current) -> list:
+    """The field names whose values differ between two recorded objects (none to name when either is not one)."""
+    previous = {} if previous is None else previous
+    if not (isinstance(previous, dict) and isinstance(current, dict)):
+        return []
+    return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
